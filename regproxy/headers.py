@@ -1,0 +1,150 @@
+"""Pure header plumbing between client, proxy and upstream.
+
+Kept free of I/O so every rule (hop-by-hop, what may cross to another host, how
+URLs the upstream hands out are made to point at the proxy) is unit-testable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from urllib.parse import urlsplit
+
+from twisted.web.http_headers import Headers
+
+#: RFC 9110 hop-by-hop headers plus the ones the Agent/Site frame themselves.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"trailers",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+#: Never copied from the client: the Agent sets Host and frames the body itself.
+_NOT_FORWARDED = _HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+#: Never copied from the upstream response: twisted.web frames the answer itself.
+_NOT_RETURNED = _HOP_BY_HOP | {b"content-length"}
+#: Credentials that must not follow a redirect to another origin (presigned
+#: blob-store URLs reject them, and they belong to the registry only).
+CREDENTIAL_HEADERS = frozenset({b"authorization", b"cookie", b"proxy-authorization"})
+
+
+def _connection_tokens(headers: Headers) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for value in headers.getRawHeaders(b"connection", []):
+        tokens.update(t.strip().lower() for t in value.split(b","))
+    return tokens
+
+
+def filtered(headers: Headers, drop: Iterable[bytes]) -> Headers:
+    """A copy of C{headers} without C{drop} and without what C{Connection} names."""
+    dropped = set(drop) | _connection_tokens(headers)
+    out = Headers()
+    for name, values in headers.getAllRawHeaders():
+        if name.lower() not in dropped:
+            out.setRawHeaders(name, list(values))
+    return out
+
+
+def upstream_request_headers(client: Headers) -> Headers:
+    """Headers to send upstream for a client request: all end-to-end headers, every value kept.
+
+    Docker sends six separate C{Accept} headers; dropping all but one makes the
+    registry answer with a different manifest (and digest), so values are copied
+    one for one.
+    """
+    return filtered(client, _NOT_FORWARDED)
+
+
+def client_response_headers(upstream: Headers) -> Headers:
+    """Headers to return to the client from an upstream response."""
+    out = filtered(upstream, _NOT_RETURNED)
+    # Never pass on an empty Content-Encoding (some HTTP stacks invent one);
+    # a real one stays, the bytes are passed through untouched anyway.
+    encodings = [v for v in out.getRawHeaders(b"content-encoding", []) if v.strip()]
+    if encodings:
+        out.setRawHeaders(b"content-encoding", encodings)
+    else:
+        out.removeHeader(b"content-encoding")
+    return out
+
+
+def without_credentials(headers: Headers) -> Headers:
+    """A copy of C{headers} fit to send to a host other than the registry."""
+    return filtered(headers, CREDENTIAL_HEADERS)
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an absolute http(s) URL, or C{None}."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    return scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[scheme]
+
+
+def rename_path(path: str, renames: dict[str, str]) -> str:
+    """Give C{/v2/<upstream name>/...} paths the name the client used."""
+    for upstream_name, client_name in renames.items():
+        prefix = f"/v2/{upstream_name}/"
+        if upstream_name != client_name and path.startswith(prefix):
+            return f"/v2/{client_name}/" + path[len(prefix) :]
+    return path
+
+
+def rewrite_url(
+    url: str,
+    upstream_origin: tuple[str, str, int],
+    upstream_prefix: str,
+    public_base: str,
+    renames: dict[str, str],
+) -> str:
+    """Make a URL the upstream handed out (Location, Link) point at the proxy.
+
+    Absolute URLs at the upstream's origin become absolute URLs at C{public_base};
+    relative ones stay relative. Only the path changes: the query (an upload's
+    C{_state}) is kept byte for byte. URLs for other hosts are returned as they are.
+    """
+    parts = urlsplit(url)
+    if parts.scheme or parts.netloc:
+        if origin(url) != upstream_origin:
+            return url
+        head = public_base.rstrip("/")
+    else:
+        head = ""
+    path = parts.path
+    if upstream_prefix and path.startswith(upstream_prefix + "/"):
+        path = path[len(upstream_prefix) :]
+    path = rename_path(path, renames)
+    path_start = url.find("//") + 2 + len(parts.netloc) if head else 0
+    rest = url[path_start + len(parts.path) :]
+    return head + path + rest
+
+
+def rewrite_link(value: str, rewrite: Callable[[str], str]) -> str:
+    """Rewrite the URI references C{<...>} of an RFC 8288 C{Link} header value."""
+    out = []
+    rest = value
+    while True:
+        start = rest.find("<")
+        end = rest.find(">", start + 1)
+        if start < 0 or end < 0:
+            out.append(rest)
+            break
+        out.append(rest[: start + 1])
+        out.append(rewrite(rest[start + 1 : end]))
+        rest = rest[end:]
+    return "".join(out)

@@ -1,0 +1,355 @@
+"""The proxy's twisted.web resource: routing, forwarding, answering.
+
+C{render} is the one bridge from twisted.web to C{async def}; everything the
+proxy answers by itself is OCI error JSON, and every upstream answer is passed
+on through L{BodyPipe} with the URLs in it pointing back at the proxy.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from io import BytesIO
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as ConnectTimeout
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import FileBodyProducer, ResponseFailed, ResponseNeverReceived
+from twisted.web.http import NO_BODY_CODES
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from . import errors, routes
+from .auth import rewrite_challenge, token_query
+from .headers import client_response_headers, rewrite_link, rewrite_url, upstream_request_headers
+from .names import upstream_name
+from .pipe import BodyIdleTimeout, BodyPipe
+from .upstream import Upstream
+
+_CORS = {
+    b"Access-Control-Allow-Origin": [b"*"],
+    b"Access-Control-Expose-Headers": [
+        b"Docker-Content-Digest, Docker-Distribution-API-Version, Docker-Upload-UUID, "
+        b"WWW-Authenticate, Location, Link, Range, Content-Range, Content-Length, "
+        b"OCI-Subject, OCI-Filters-Applied, OCI-Chunk-Min-Length"
+    ],
+}
+_PREFLIGHT = {
+    b"Access-Control-Allow-Methods": [b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"],
+    b"Access-Control-Allow-Headers": [
+        b"Authorization, Accept, Content-Type, Content-Range, Range, If-None-Match, "
+        b"If-Match, Docker-Distribution-API-Version"
+    ],
+    b"Access-Control-Max-Age": [b"86400"],
+}
+_SAFE_HOST = re.compile(rb"[A-Za-z0-9.\-]+(:[0-9]+)?|\[[0-9A-Fa-f:.]+\](:[0-9]+)?")
+#: A token request body is a small form; anything larger is not a token request.
+_MAX_TOKEN_FORM = 64 * 1024
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+
+
+@dataclass
+class Exchange:
+    """What the access log says about one request."""
+
+    upstream_status: int | None = None
+    note: str = ""
+
+
+@dataclass
+class Settings:
+    """Request-handling settings that come from configuration."""
+
+    public_url: str | None = None
+    idle_timeout: float = 120.0
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+class RegistryProxy(Resource):
+    """Answers the registry API, the token endpoint, C{/healthz} and C{/}."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(self, upstream: Upstream, clock: IReactorTime, settings: Settings | None = None) -> None:
+        super().__init__()
+        self._upstream = upstream
+        self._clock = clock
+        self._settings = settings or Settings()
+
+    # twisted.web boundary
+
+    def render(self, request: Request) -> int:  # type: ignore[override]
+        request.defaultContentType = None
+        for name, values in _CORS.items():
+            request.responseHeaders.setRawHeaders(name, values)
+        exchange = Exchange()
+        started = self._clock.seconds()
+        d = Deferred.fromCoroutine(self._handle(request, exchange))
+        d.addErrback(self._failed, request, exchange)
+        finished = request.notifyFinish()
+        finished.addErrback(lambda f: (d.cancel(), f)[1])
+        finished.addBoth(self._access_log, request, exchange, started)
+        return NOT_DONE_YET
+
+    def _failed(self, failure: Failure, request: Request, exchange: Exchange) -> None:
+        """Turn whatever went wrong into the right answer, or a dropped connection."""
+        if failure.check(CancelledError) or request.channel is None or request.finished:
+            exchange.note = exchange.note or "client gone"
+            return
+        if request.startedWriting:
+            # Headers (and maybe part of the body) are out: never finish() a short
+            # body, the client must see the transfer fail.
+            self.log.warn(
+                "{method} {uri}: upstream failed mid-response, dropping client: {error}",
+                method=request.method.decode(),
+                uri=request.uri.decode("latin-1"),
+                error=failure.getErrorMessage(),
+            )
+            exchange.note = "truncated"
+            request.loseConnection()
+            return
+        error = _as_registry_error(failure)
+        if error.status >= 500 and not failure.check(errors.RegistryError):
+            self.log.warn(
+                "{method} {uri}: {status} {error}",
+                method=request.method.decode(),
+                uri=request.uri.decode("latin-1"),
+                status=error.status,
+                error=failure.getErrorMessage(),
+            )
+        elif not failure.check(errors.RegistryError):
+            self.log.failure("unexpected error", failure)
+        exchange.note = error.code
+        errors.write_error(request, error)
+
+    def _access_log(self, result: object, request: Request, exchange: Exchange, started: float) -> None:
+        self.log.info(
+            '{client} "{method} {uri}" {status} {bytes} {duration:.3f}s upstream={upstream}{note}',
+            client=request.getClientAddress().host if hasattr(request.getClientAddress(), "host") else "-",
+            method=request.method.decode("latin-1"),
+            uri=request.uri.decode("latin-1"),
+            status=request.code,
+            bytes=request.sentLength,
+            duration=self._clock.seconds() - started,
+            upstream=exchange.upstream_status or "-",
+            note=f" ({exchange.note})" if exchange.note else "",
+        )
+
+    # dispatch
+
+    async def _handle(self, request: Request, exchange: Exchange) -> None:
+        method = request.method
+        raw_path, _, query = request.uri.partition(b"?")
+        if method == b"CONNECT" or not raw_path.startswith(b"/"):
+            raise errors.RegistryError(
+                400, "UNSUPPORTED", "this is a registry, not a forward proxy: origin-form requests only"
+            )
+        if method == b"OPTIONS":
+            return self._preflight(request)
+        if raw_path.startswith(b"/v2"):
+            try:
+                path = raw_path.decode("ascii")
+            except UnicodeDecodeError:
+                raise errors.name_invalid(raw_path.decode("latin-1")) from None
+            route = routes.parse(path)
+            if method not in routes.ALLOWED_METHODS[route.kind]:
+                request.responseHeaders.setRawHeaders(
+                    b"Allow", [b", ".join(sorted(routes.ALLOWED_METHODS[route.kind]))]
+                )
+                raise errors.unsupported(f"{method.decode('latin-1')} is not allowed here", 405)
+            return await self._registry(request, route, query, exchange)
+        if raw_path == b"/token":
+            if method not in (b"GET", b"POST"):
+                raise errors.unsupported("the token endpoint takes GET and POST", 405)
+            return await self._token(request, query, exchange)
+        if raw_path == b"/healthz" and method in (b"GET", b"HEAD"):
+            return _answer(request, 200, b"text/plain; charset=utf-8", b"ok\n")
+        if raw_path == b"/" and method in (b"GET", b"HEAD"):
+            return _answer(request, 200, b"text/html; charset=utf-8", self._landing(request))
+        raise errors.unsupported(f"nothing at {raw_path.decode('latin-1')!r}")
+
+    def _preflight(self, request: Request) -> None:
+        for name, values in _PREFLIGHT.items():
+            request.responseHeaders.setRawHeaders(name, values)
+        request.setResponseCode(204)
+        request.finish()
+
+    def public_base(self, request: Request) -> str:
+        """The URL clients use to reach the proxy: configured, or from this request."""
+        if self._settings.public_url:
+            return self._settings.public_url.rstrip("/")
+        scheme = "https" if request.isSecure() else "http"
+        raw = request.getHeader(b"host")
+        if raw is not None and _SAFE_HOST.fullmatch(raw) is not None:
+            host = raw.decode("ascii")
+        else:
+            address = request.getHost()
+            host = f"{getattr(address, 'host', 'localhost')}:{getattr(address, 'port', 80)}"
+        return f"{scheme}://{host}"
+
+    # registry API
+
+    async def _registry(
+        self, request: Request, route: routes.Route, query: bytes, exchange: Exchange
+    ) -> None:
+        upstream = self._upstream
+        names: dict[str, str] = {}
+        up_name: str | None = None
+        if route.name is not None:
+            self._check_namespace(query)
+            up_name = upstream_name(route.name, upstream.library_prefix)
+            names[up_name] = route.name
+        url = upstream.url(route.upstream_path(up_name), query)
+        headers = upstream_request_headers(request.requestHeaders)
+        response, _ = await upstream.fetch(request.method, url, headers, self._body(request))
+        exchange.upstream_status = response.code
+        await self._relay(request, response, names)
+
+    def _check_namespace(self, query: bytes) -> None:
+        """containerd names the registry it mirrors in C{?ns=}: serve only the ones we front."""
+        if b"ns=" not in query:
+            return
+        for key, value in parse_qsl(query.decode("latin-1")):
+            if key == "ns" and value.lower() not in self._upstream.namespaces:
+                raise errors.RegistryError(
+                    404, "NAME_UNKNOWN", f"this proxy does not mirror the registry {value!r}"
+                )
+
+    def _body(self, request: Request) -> IBodyProducer | None:
+        if request.method not in _BODY_METHODS:
+            return None
+        content = request.content
+        assert content is not None
+        content.seek(0, 2)
+        if content.tell() == 0:
+            return None
+        content.seek(0)
+        return FileBodyProducer(content)
+
+    async def _relay(self, request: Request, response: IResponse, names: dict[str, str]) -> None:
+        """Pass an upstream response on: status, rewritten headers, streamed body."""
+        upstream = self._upstream
+        base = self.public_base(request)
+        headers = client_response_headers(response.headers)
+
+        def to_client(name: str) -> str:
+            return names.get(name, name)
+
+        challenges = headers.getRawHeaders(b"www-authenticate")
+        if challenges:
+            rewritten = []
+            for value in challenges:
+                new, realm = rewrite_challenge(value.decode("latin-1"), base + "/token", to_client)
+                if realm is not None:
+                    upstream.note_challenge(realm)
+                rewritten.append(new.encode("latin-1"))
+            headers.setRawHeaders(b"www-authenticate", rewritten)
+
+        def url_to_client(url: str) -> str:
+            return rewrite_url(url, upstream.origin, upstream.prefix, base, names)
+
+        locations = headers.getRawHeaders(b"location")
+        if locations:
+            headers.setRawHeaders(b"location", [url_to_client(v.decode("latin-1")).encode("latin-1") for v in locations])
+        links = headers.getRawHeaders(b"link")
+        if links:
+            headers.setRawHeaders(b"link", [rewrite_link(v.decode("latin-1"), url_to_client).encode("latin-1") for v in links])
+        await self._stream(request, response, headers)
+
+    async def _stream(self, request: Request, response: IResponse, headers: Headers) -> None:
+        request.setResponseCode(response.code, response.phrase)
+        for name, values in headers.getAllRawHeaders():
+            request.responseHeaders.setRawHeaders(name, values)
+        bodiless = request.method == b"HEAD" or response.code in NO_BODY_CODES
+        if not bodiless and response.length is not UNKNOWN_LENGTH:
+            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % response.length])
+        elif request.method == b"HEAD":
+            # For HEAD the upstream's Content-Length is the entity's: keep it.
+            length = response.headers.getRawHeaders(b"content-length")
+            if length:
+                request.responseHeaders.setRawHeaders(b"content-length", length[-1:])
+        pipe = BodyPipe(request, self._clock, self._settings.idle_timeout)
+        response.deliverBody(pipe)
+        await pipe.done
+        if request.channel is not None and not request.finished:
+            request.finish()
+
+    # token endpoint
+
+    async def _token(self, request: Request, query: bytes, exchange: Exchange) -> None:
+        upstream = self._upstream
+
+        def to_upstream(name: str) -> str:
+            return upstream_name(name, upstream.library_prefix)
+
+        realm = await upstream.token_realm()
+        headers = upstream_request_headers(request.requestHeaders)
+        body: IBodyProducer | None = None
+        if request.method == b"GET":
+            url = realm
+            if query:
+                url += ("&" if "?" in realm else "?") + token_query(query, to_upstream).decode("ascii")
+        else:
+            url = realm
+            content = request.content
+            assert content is not None
+            content.seek(0)
+            form = content.read(_MAX_TOKEN_FORM + 1)
+            if len(form) > _MAX_TOKEN_FORM:
+                raise errors.RegistryError(400, "UNSUPPORTED", "token request body too large")
+            body = FileBodyProducer(BytesIO(token_query(form, to_upstream)))
+        response = await upstream.send(request.method, url, headers, body)
+        exchange.upstream_status = response.code
+        await self._stream(request, response, client_response_headers(response.headers))
+
+    # landing page
+
+    def _landing(self, request: Request) -> bytes:
+        base = html.escape(self.public_base(request))
+        upstream = html.escape(self._upstream.base)
+        snippet = html.escape(json.dumps({"registry-mirrors": [self.public_base(request)]}, indent=2))
+        host = html.escape(self.public_base(request).split("://", 1)[1])
+        return (
+            "<!doctype html><html><head><meta charset='utf-8'><title>regproxy</title></head><body>"
+            f"<h1>regproxy</h1><p>A Docker/OCI registry proxy for <code>{upstream}</code>.</p>"
+            f"<p>Docker: put this in <code>/etc/docker/daemon.json</code> and restart dockerd:</p>"
+            f"<pre>{snippet}</pre>"
+            f"<p>Or pull directly: <code>docker pull {host}/library/alpine:latest</code></p>"
+            f"<p>containerd (<code>hosts.toml</code>): <code>[host.\"{base}\"] capabilities = [\"pull\", \"resolve\"]</code></p>"
+            "<p>Health: <a href='/healthz'>/healthz</a></p></body></html>\n"
+        ).encode("utf-8")
+
+
+def _answer(request: Request, code: int, content_type: bytes, body: bytes) -> None:
+    request.setResponseCode(code)
+    request.responseHeaders.setRawHeaders(b"content-type", [content_type])
+    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    request.write(body)
+    request.finish()
+
+
+def _as_registry_error(failure: Failure) -> errors.RegistryError:
+    """The answer for a failure that happened before anything was sent to the client."""
+    if failure.check(errors.RegistryError):
+        return failure.value  # type: ignore[return-value]
+    if failure.check(TimeoutError, ConnectTimeout, BodyIdleTimeout):
+        return errors.RegistryError(504, "UNAVAILABLE", "upstream registry timed out")
+    if failure.check(ConnectError, DNSLookupError, ResponseNeverReceived, ResponseFailed):
+        return errors.RegistryError(
+            502, "UNAVAILABLE", f"upstream registry unreachable: {_reason(failure)}"
+        )
+    return errors.RegistryError(500, "UNKNOWN", "internal proxy error")
+
+
+def _reason(failure: Failure) -> str:
+    reasons: list[Failure] = getattr(failure.value, "reasons", []) or [failure]
+    return "; ".join(r.getErrorMessage() for r in reasons)[:300]
+

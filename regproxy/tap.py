@@ -1,0 +1,117 @@
+"""The C{twist regproxy} command line and the service it builds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import IService, MultiService
+from twisted.application.strports import service as endpoint_service
+from twisted.python import usage
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
+
+from .resource import RegistryProxy, Settings
+from .tls import policy_for
+from .upstream import Upstream
+
+DEFAULT_UPSTREAM = "https://registry-1.docker.io"
+
+
+class Options(usage.Options):
+    """Options for C{twist regproxy}."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "A streaming Docker/OCI registry proxy. Point docker's registry-mirrors, "
+        "containerd's hosts.toml or podman's registries.conf at it, or pull "
+        "PROXY/library/NAME:TAG directly."
+    )
+    optParameters: list[Any] = [
+        ["upstream", None, DEFAULT_UPSTREAM, "Upstream registry URL."],
+        ["public-url", None, None, "URL clients use to reach the proxy (default: from each request's Host)."],
+        ["connect-timeout", None, 10.0, "Seconds to wait for an upstream connection.", float],
+        ["response-timeout", None, 60.0, "Seconds to wait for an upstream response head.", float],
+        ["idle-timeout", None, 120.0, "Seconds an upstream body may stay silent.", float],
+        ["max-redirects", None, 5, "Upstream redirects followed per request.", int],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self["upstream-ca"] = []
+        self["library-prefix"] = None
+
+    def opt_listen(self, description: str) -> None:
+        """Endpoint to listen on, e.g. tcp:5000 or ssl:443:privateKey=key.pem:certKey=cert.pem (repeatable) [default: tcp:5000]"""
+        self["listen"].append(description)
+
+    def opt_upstream_ca(self, path: str) -> None:
+        """PEM file of extra CA certificates trusted for outbound TLS, besides the system roots (repeatable)."""
+        self["upstream-ca"].append(path)
+
+    def opt_library_prefix(self) -> None:
+        """One-component repository names mean library/NAME (default: on for Docker Hub)."""
+        self["library-prefix"] = True
+
+    def opt_no_library_prefix(self) -> None:
+        """Never add library/ to repository names."""
+        self["library-prefix"] = False
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"].append("tcp:5000")
+        if not self["upstream"].startswith(("http://", "https://")):
+            raise usage.UsageError(f"--upstream must be an http(s) URL: {self['upstream']!r}")
+        if self["public-url"] and not self["public-url"].startswith(("http://", "https://")):
+            raise usage.UsageError("--public-url must be an http(s) URL")
+        try:
+            self["tls-policy"] = policy_for(self["upstream-ca"])
+        except (OSError, ValueError) as e:
+            raise usage.UsageError(f"--upstream-ca: {e}") from None
+
+
+class RegistrySite(Site):
+    """A Site that speaks HTTP/1.1 only and logs through the resource.
+
+    HTTP/2 is kept out on purpose: the streaming pipe is built and tested on
+    HTTP/1.1 channels. The access log comes from L{RegistryProxy}, so twisted.web's
+    own combined-log line is switched off.
+    """
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return [b"http/1.1"]
+
+    def log(self, request: object) -> None:
+        pass
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    """Build the listening services for the parsed C{options}."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool.maxPersistentPerHost = 32
+    pool.cachedConnectionTimeout = 60
+    agent = Agent(
+        reactor,
+        contextFactory=options["tls-policy"],
+        connectTimeout=options["connect-timeout"],
+        pool=pool,
+    )
+    upstream = Upstream.configured(
+        options["upstream"],
+        options["library-prefix"],
+        agent,
+        reactor,
+        response_timeout=options["response-timeout"],
+        max_redirects=options["max-redirects"],
+    )
+    settings = Settings(public_url=options["public-url"], idle_timeout=options["idle-timeout"])
+    site = RegistrySite(RegistryProxy(upstream, reactor, settings))
+    site.displayTracebacks = False
+    parent = MultiService()
+    for description in options["listen"]:
+        endpoint_service(description, site, reactor=reactor).setServiceParent(parent)
+    return parent

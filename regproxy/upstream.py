@@ -1,0 +1,153 @@
+"""One configured upstream registry and the exchanges with it.
+
+The upstream is fixed by configuration: the request only supplies a path below
+it, so the proxy can never be made to dial an arbitrary host. Redirects the
+upstream answers (Docker Hub sends blob GETs to a CDN with a 307) are followed
+here, and credentials never travel to a host other than the registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from urllib.parse import urljoin, urlsplit
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+
+from . import errors
+from .auth import parse_challenge
+from .headers import origin, without_credentials
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+DOCKER_HUB_NAMESPACES = frozenset({"docker.io", "registry-1.docker.io", "index.docker.io"})
+
+
+class _Discard(Protocol):
+    """Swallows a body we do not pass on (a redirect's), so the connection can be reused."""
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+
+def discard(response: IResponse) -> None:
+    response.deliverBody(_Discard())
+
+
+@dataclass
+class Upstream:
+    """A registry the proxy forwards to.
+
+    @ivar base: the upstream's base URL, e.g. C{https://registry-1.docker.io}.
+    @ivar library_prefix: whether one-component names mean C{library/<name>}.
+    @ivar namespaces: the registry host names this upstream stands for; a
+        containerd C{?ns=} outside this set is refused rather than answered
+        with another registry's content.
+    @ivar realm: the token realm, learnt from the upstream's own challenges.
+    """
+
+    base: str
+    library_prefix: bool
+    namespaces: frozenset[str]
+    agent: IAgent
+    clock: IReactorTime
+    response_timeout: float = 60.0
+    max_redirects: int = 5
+    realm: str | None = None
+    log: Logger = field(default_factory=Logger)
+
+    def __post_init__(self) -> None:
+        self.base = self.base.rstrip("/")
+        found = origin(self.base)
+        if found is None:
+            raise ValueError(f"upstream must be an http(s) URL: {self.base!r}")
+        self.origin = found
+        self.prefix = urlsplit(self.base).path.rstrip("/")
+
+    @classmethod
+    def configured(
+        cls, base: str, library_prefix: bool | None, agent: IAgent, clock: IReactorTime, **kw: object
+    ) -> Upstream:
+        """An upstream with the defaults that follow from its URL (Docker Hub or not)."""
+        host = urlsplit(base).netloc.lower()
+        hub = host in DOCKER_HUB_NAMESPACES
+        prefix = hub if library_prefix is None else library_prefix
+        namespaces = {host, urlsplit(base).hostname or host}
+        if prefix:
+            namespaces |= DOCKER_HUB_NAMESPACES
+        return cls(base, prefix, frozenset(namespaces), agent, clock, **kw)  # type: ignore[arg-type]
+
+    def url(self, path: str, query: bytes) -> str:
+        """The upstream URL for an API path and the client's raw query (kept byte-exact)."""
+        url = self.base + path
+        if query:
+            url += "?" + query.decode("ascii")
+        return url
+
+    def note_challenge(self, realm: str) -> None:
+        """Remember the token realm the upstream told us about."""
+        if origin(realm) is not None and realm != self.realm:
+            self.log.info("upstream {base} token realm is {realm}", base=self.base, realm=realm)
+            self.realm = realm
+
+    async def token_realm(self) -> str:
+        """The upstream's token realm, asking its C{/v2/} if no challenge was seen yet."""
+        if self.realm is None:
+            response = await self.send(b"GET", self.url("/v2/", b""), Headers(), None)
+            discard(response)
+            for value in response.headers.getRawHeaders(b"www-authenticate", []):
+                challenge = parse_challenge(value.decode("latin-1"))
+                if challenge and challenge.scheme.lower() == "bearer" and challenge.get("realm"):
+                    self.note_challenge(challenge.get("realm") or "")
+            if self.realm is None:
+                raise errors.RegistryError(
+                    404, "UNSUPPORTED", "the upstream registry does not use token authentication"
+                )
+        return self.realm
+
+    async def send(
+        self,
+        method: bytes,
+        url: str,
+        headers: Headers,
+        body: IBodyProducer | None,
+        timeout: float | None = None,
+    ) -> IResponse:
+        """One request, no redirects; fails with TimeoutError if no response head arrives in time."""
+        d: Deferred[IResponse] = self.agent.request(method, url.encode("ascii"), headers, body)
+        limit = self.response_timeout if timeout is None else timeout
+        if limit:
+            d.addTimeout(limit, self.clock)
+        return await d
+
+    async def fetch(
+        self, method: bytes, url: str, headers: Headers, body: IBodyProducer | None = None
+    ) -> tuple[IResponse, str]:
+        """Send a request, following redirects server-side for GET and HEAD.
+
+        Each hop keeps C{Range}, C{Accept} and C{If-*}; a hop to another origin
+        loses C{Authorization} and cookies for good (presigned blob URLs reject
+        them, and they are the registry's alone).
+
+        @return: the final response and the URL it came from.
+        """
+        follow = method in (b"GET", b"HEAD")
+        for _ in range(self.max_redirects + 1):
+            response = await self.send(method, url, headers, body)
+            location = response.headers.getRawHeaders(b"location")
+            if not (follow and response.code in _REDIRECTS and location):
+                return response, url
+            discard(response)
+            target = urljoin(url, location[0].decode("latin-1"))
+            if origin(target) is None:
+                raise errors.RegistryError(
+                    502, "UNAVAILABLE", "upstream redirected to a non-HTTP(S) location"
+                )
+            if origin(target) != origin(url):
+                headers = without_credentials(headers)
+            self.log.debug("following {code} to {target}", code=response.code, target=target)
+            url = target
+        raise errors.RegistryError(502, "UNAVAILABLE", "too many redirects from upstream")
