@@ -1,0 +1,5 @@
+"""A Docker-Hub-like upstream registry on loopback, for regproxy's integration tests.
+
+See :mod:`tests.upstream.hub` for the entry point and :mod:`tests.upstream.fixtures`
+for the pytest fixture.
+"""
