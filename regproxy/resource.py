@@ -104,6 +104,10 @@ class RegistryProxy(Resource):
         if failure.check(CancelledError) or request.channel is None or request.finished:
             exchange.note = exchange.note or "client gone"
             return
+        upload = getattr(request, "upload", None)
+        if upload is not None and isinstance(upload.error, errors.RegistryError):
+            failure = Failure(upload.error)
+        _close_if_body_pending(request)
         if request.startedWriting:
             # Headers (and maybe part of the body) are out: never finish() a short
             # body, the client must see the transfer fail.
@@ -209,7 +213,11 @@ class RegistryProxy(Resource):
             names[up_name] = route.name
         url = upstream.url(route.upstream_path(up_name), query)
         headers = upstream_request_headers(request.requestHeaders)
-        response, _ = await upstream.fetch(request.method, url, headers, self._body(request))
+        body = self._body(request)
+        streamed = body is not None and body is getattr(request, "upload", None)
+        response, _ = await upstream.fetch(
+            request.method, url, headers, body, timeout=0 if streamed else None
+        )
         exchange.upstream_status = response.code
         await self._relay(request, response, names)
 
@@ -226,6 +234,11 @@ class RegistryProxy(Resource):
     def _body(self, request: Request) -> IBodyProducer | None:
         if request.method not in _BODY_METHODS:
             return None
+        upload = getattr(request, "upload", None)
+        if upload is not None:
+            if upload.error is not None:
+                raise upload.error
+            return upload  # type: ignore[no-any-return]
         content = request.content
         assert content is not None
         content.seek(0, 2)
@@ -265,6 +278,7 @@ class RegistryProxy(Resource):
         await self._stream(request, response, headers)
 
     async def _stream(self, request: Request, response: IResponse, headers: Headers) -> None:
+        _close_if_body_pending(request)
         request.setResponseCode(response.code, response.phrase)
         for name, values in headers.getAllRawHeaders():
             request.responseHeaders.setRawHeaders(name, values)
@@ -326,6 +340,14 @@ class RegistryProxy(Resource):
             f"<p>containerd (<code>hosts.toml</code>): <code>[host.\"{base}\"] capabilities = [\"pull\", \"resolve\"]</code></p>"
             "<p>Health: <a href='/healthz'>/healthz</a></p></body></html>\n"
         ).encode("utf-8")
+
+
+def _close_if_body_pending(request: Request) -> None:
+    """Answering before the client sent its whole body: the connection can't carry another request."""
+    pending = getattr(request, "body_pending", None)
+    if pending is not None and pending() and request.channel is not None:
+        request.channel.persistent = False
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
 
 
 def _answer(request: Request, code: int, content_type: bytes, body: bytes) -> None:

@@ -7,11 +7,12 @@ from typing import Any
 from twisted.application.service import IService, MultiService
 from twisted.application.strports import service as endpoint_service
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Site
 
 from .resource import RegistryProxy, Settings
 from .tls import policy_for
+from .upload import StreamingRequest
 from .upstream import Upstream
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
@@ -33,6 +34,7 @@ class Options(usage.Options):
         ["response-timeout", None, 60.0, "Seconds to wait for an upstream response head.", float],
         ["idle-timeout", None, 120.0, "Seconds an upstream body may stay silent.", float],
         ["max-redirects", None, 5, "Upstream redirects followed per request.", int],
+        ["max-upload-size", None, "0", "Largest blob upload request body, e.g. 20G (0: no limit)."],
     ]
 
     def __init__(self) -> None:
@@ -65,9 +67,26 @@ class Options(usage.Options):
         if self["public-url"] and not self["public-url"].startswith(("http://", "https://")):
             raise usage.UsageError("--public-url must be an http(s) URL")
         try:
+            self["max-upload-size"] = parse_size(self["max-upload-size"])
+        except ValueError:
+            raise usage.UsageError(f"--max-upload-size: not a size: {self['max-upload-size']!r}") from None
+        try:
             self["tls-policy"] = policy_for(self["upstream-ca"])
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"--upstream-ca: {e}") from None
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str | int) -> int:
+    """C{"20G"} -> bytes; binary units, optional trailing C{B} / C{iB}."""
+    value = str(text).strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in _SIZE_UNITS else ""
+    number = int(value[: len(value) - len(unit)])
+    if number < 0:
+        raise ValueError(text)
+    return number * _SIZE_UNITS[unit]
 
 
 class RegistrySite(Site):
@@ -78,11 +97,25 @@ class RegistrySite(Site):
     own combined-log line is switched off.
     """
 
+    requestFactory = StreamingRequest
+    #: Read by L{StreamingRequest}: the largest upload body accepted, 0 for no limit.
+    max_upload_size = 0
+
     def acceptableProtocols(self) -> list[bytes]:
         return [b"http/1.1"]
 
     def log(self, request: object) -> None:
         pass
+
+
+class _QuietFactory(_HTTP11ClientFactory):
+    """The pool's per-connection factory, minus a log line per upstream connection."""
+
+    noisy = False
+
+
+class QuietPool(HTTPConnectionPool):
+    _factory = _QuietFactory
 
 
 def makeService(options: Options, reactor: Any = None) -> IService:
@@ -91,25 +124,30 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = QuietPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 32
     pool.cachedConnectionTimeout = 60
-    agent = Agent(
-        reactor,
-        contextFactory=options["tls-policy"],
-        connectTimeout=options["connect-timeout"],
-        pool=pool,
-    )
+
+    def agent(pool: HTTPConnectionPool) -> Agent:
+        return Agent(
+            reactor,
+            contextFactory=options["tls-policy"],
+            connectTimeout=options["connect-timeout"],
+            pool=pool,
+        )
+
     upstream = Upstream.configured(
         options["upstream"],
         options["library-prefix"],
-        agent,
+        agent(pool),
         reactor,
+        body_agent=agent(QuietPool(reactor, persistent=False)),
         response_timeout=options["response-timeout"],
         max_redirects=options["max-redirects"],
     )
     settings = Settings(public_url=options["public-url"], idle_timeout=options["idle-timeout"])
     site = RegistrySite(RegistryProxy(upstream, reactor, settings))
+    site.max_upload_size = options["max-upload-size"]
     site.displayTracebacks = False
     parent = MultiService()
     for description in options["listen"]:

@@ -54,6 +54,10 @@ class Upstream:
     namespaces: frozenset[str]
     agent: IAgent
     clock: IReactorTime
+    #: For requests with bodies: a fresh connection each, because a body that
+    #: streams from the client can't be replayed if a pooled connection turns
+    #: out to be stale (Twisted retries only bodiless requests).
+    body_agent: IAgent | None = None
     response_timeout: float = 60.0
     max_redirects: int = 5
     realm: str | None = None
@@ -116,15 +120,25 @@ class Upstream:
         body: IBodyProducer | None,
         timeout: float | None = None,
     ) -> IResponse:
-        """One request, no redirects; fails with TimeoutError if no response head arrives in time."""
-        d: Deferred[IResponse] = self.agent.request(method, url.encode("ascii"), headers, body)
+        """One request, no redirects; fails with TimeoutError if no response head arrives in time.
+
+        C{timeout=0} waits for as long as it takes (a streamed upload's response
+        comes only after the whole body).
+        """
+        agent = self.agent if body is None or self.body_agent is None else self.body_agent
+        d: Deferred[IResponse] = agent.request(method, url.encode("ascii"), headers, body)
         limit = self.response_timeout if timeout is None else timeout
         if limit:
             d.addTimeout(limit, self.clock)
         return await d
 
     async def fetch(
-        self, method: bytes, url: str, headers: Headers, body: IBodyProducer | None = None
+        self,
+        method: bytes,
+        url: str,
+        headers: Headers,
+        body: IBodyProducer | None = None,
+        timeout: float | None = None,
     ) -> tuple[IResponse, str]:
         """Send a request, following redirects server-side for GET and HEAD.
 
@@ -136,7 +150,7 @@ class Upstream:
         """
         follow = method in (b"GET", b"HEAD")
         for _ in range(self.max_redirects + 1):
-            response = await self.send(method, url, headers, body)
+            response = await self.send(method, url, headers, body, timeout)
             location = response.headers.getRawHeaders(b"location")
             if not (follow and response.code in _REDIRECTS and location):
                 return response, url
