@@ -653,6 +653,8 @@ def skopeo(*args: str, env: Mapping[str, str] | None = None, check: bool = True,
         argv = isolated_argv(argv)
     (_process_tmp() / "run").mkdir(exist_ok=True)
     (_process_tmp() / "home").mkdir(exist_ok=True)
+    if not (_process_tmp() / "auth.json").exists():
+        (_process_tmp() / "auth.json").write_text('{"auths": {}}\n')
     return _run(argv, env=_isolated_env(env), check=check, timeout=timeout)
 
 
@@ -750,7 +752,8 @@ class Podman:
         self.storage_conf = self.workdir / "storage.conf"
         self.storage_conf.write_text(
             f'[storage]\ndriver = "vfs"\nrunroot = "{self.runroot}"\ngraphroot = "{self.root}"\n')
-        self.auth_file = self.workdir / "auth.json"
+        self.auth_file = self.workdir / "auth.json"  # podman insists that it exists
+        self.auth_file.write_text('{"auths": {}}\n')
         self.timings: dict[str, float] = {}
 
     def env(self, registries_conf: str | os.PathLike | None = None) -> dict[str, str]:
@@ -774,13 +777,19 @@ class Podman:
         return _run(isolated_argv(argv, self.hosts_file), env=self.env(registries_conf),
                     check=check, timeout=timeout, input=input)
 
-    def pull(self, ref: str, tls_verify: bool = True, cert_dir: str | os.PathLike | None = None,
+    def pull(self, ref: str, tls_verify: bool | None = True, cert_dir: str | os.PathLike | None = None,
              creds: str | None = None, *, registries_conf: str | os.PathLike | None = None,
              check: bool = True, timeout: float | None = DEFAULT_TIMEOUT,
              ) -> subprocess.CompletedProcess:
-        """``podman pull`` (``creds`` is "user:password"); ``--log-level debug`` stderr kept."""
-        args = ["--log-level", "debug", "pull",
-                f"--tls-verify={'true' if tls_verify else 'false'}"]
+        """``podman pull`` (``creds`` is "user:password"); ``--log-level debug`` stderr kept.
+
+        podman 4.3 has no ``--retry``: a failing pull is retried 3 times (1 s apart).
+        ``tls_verify`` as in :func:`skopeo_copy` (no flag with a registries_conf).
+        """
+        args = ["--log-level", "debug", "pull"]
+        # as with skopeo: an explicit --tls-verify=true overrides registries.conf "insecure"
+        if tls_verify is False or (tls_verify and registries_conf is None):
+            args.append(f"--tls-verify={'true' if tls_verify else 'false'}")
         if cert_dir is not None:
             args += ["--cert-dir", str(cert_dir)]
         if creds:
