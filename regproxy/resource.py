@@ -31,7 +31,7 @@ from .auth import rewrite_challenge, token_query
 from .headers import client_response_headers, rewrite_link, rewrite_url, upstream_request_headers
 from .names import upstream_name
 from .pipe import BodyIdleTimeout, BodyPipe
-from .upstream import Upstream
+from .upstream import Upstream, discard
 
 _CORS = {
     b"Access-Control-Allow-Origin": [b"*"],
@@ -101,7 +101,7 @@ class RegistryProxy(Resource):
 
     def _failed(self, failure: Failure, request: Request, exchange: Exchange) -> None:
         """Turn whatever went wrong into the right answer, or a dropped connection."""
-        if failure.check(CancelledError) or request.channel is None or request.finished:
+        if failure.check(CancelledError) or _gone(request):
             exchange.note = exchange.note or "client gone"
             return
         upload = getattr(request, "upload", None)
@@ -219,6 +219,11 @@ class RegistryProxy(Resource):
             request.method, url, headers, body, timeout=0 if streamed else None
         )
         exchange.upstream_status = response.code
+        if streamed and body.error is not None:  # type: ignore[union-attr]
+            # The upload broke off on our side (size limit): whatever the
+            # upstream made of the cut body is not the answer.
+            discard(response)
+            raise body.error  # type: ignore[union-attr]
         await self._relay(request, response, names)
 
     def _check_namespace(self, query: bytes) -> None:
@@ -293,7 +298,7 @@ class RegistryProxy(Resource):
         pipe = BodyPipe(request, self._clock, self._settings.idle_timeout)
         response.deliverBody(pipe)
         await pipe.done
-        if request.channel is not None and not request.finished:
+        if not _gone(request):
             request.finish()
 
     # token endpoint
@@ -342,10 +347,15 @@ class RegistryProxy(Resource):
         ).encode("utf-8")
 
 
+def _gone(request: Request) -> bool:
+    """The request is answered or its client left (twisted.web drops C{channel} then)."""
+    return request.finished or getattr(request, "channel", None) is None
+
+
 def _close_if_body_pending(request: Request) -> None:
     """Answering before the client sent its whole body: the connection can't carry another request."""
     pending = getattr(request, "body_pending", None)
-    if pending is not None and pending() and request.channel is not None:
+    if pending is not None and pending() and not _gone(request):
         request.channel.persistent = False
         request.responseHeaders.setRawHeaders(b"connection", [b"close"])
 

@@ -130,13 +130,13 @@ class UploadBody:
         self._resume_client()
 
     def _pause_client(self) -> None:
-        channel = self._request.channel
+        channel = getattr(self._request, "channel", None)
         if not self._client_paused and channel is not None and channel.transport is not None:
             self._client_paused = True
             channel.transport.pauseProducing()
 
     def _resume_client(self) -> None:
-        channel = self._request.channel
+        channel = getattr(self._request, "channel", None)
         if self._client_paused and channel is not None and channel.transport is not None:
             self._client_paused = False
             channel.transport.resumeProducing()
