@@ -226,14 +226,29 @@ def make_image(seed: int = 1, layer_sizes: tuple[int, ...] = (4096,), oci: bool 
 # Registry
 
 
+def _bcrypt(password: str) -> str:
+    """bcrypt hash for distribution's htpasswd (libc crypt(3); Python 3.11 still has ``crypt``)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt
+    h = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=1 << 4))
+    if not h or not h.startswith("$2"):
+        raise RuntimeError("libc crypt(3) cannot make bcrypt hashes here")
+    return h
+
+
 class LocalRegistry:
     """``docker-registry serve`` on 127.0.0.1:<free port>, plain HTTP or TLS."""
 
     def __init__(self, workdir: str | os.PathLike, tls: TLSFiles | None = None,
-                 binary: str = "/usr/bin/docker-registry"):
+                 binary: str = "/usr/bin/docker-registry",
+                 htpasswd: dict[str, str] | None = None):
+        """``htpasswd`` ({user: password}) turns on Basic auth (bcrypt htpasswd file)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.tls = tls
+        self.htpasswd = dict(htpasswd or {})
         self.binary = require_binary(binary)
         self.port = 0
         self.proc: subprocess.Popen | None = None
@@ -253,8 +268,14 @@ class LocalRegistry:
         if self.tls:
             tls = (f"  tls:\n    certificate: {self.tls.server_cert}\n"
                    f"    key: {self.tls.server_key}\n")
+        auth = ""
+        if self.htpasswd:
+            path = self.workdir / "htpasswd"
+            path.write_text("".join(f"{u}:{_bcrypt(pw)}\n" for u, pw in self.htpasswd.items()))
+            auth = f"auth:\n  htpasswd:\n    realm: regproxy-test\n    path: {path}\n"
         return (
             "version: 0.1\n"
+            f"{auth}"
             "log:\n  level: info\n  accesslog:\n    disabled: false\n"
             "storage:\n"
             f"  filesystem:\n    rootdirectory: {self.workdir / 'storage'}\n"
@@ -311,7 +332,13 @@ class LocalRegistry:
     def request(self, method: str, path: str, body: bytes | None = None,
                 headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
         url = path if path.startswith("http") else self.url + path
-        req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+        headers = dict(headers or {})
+        if self.htpasswd:
+            import base64
+            user, pw = next(iter(self.htpasswd.items()))
+            headers.setdefault("Authorization", "Basic " + base64.b64encode(
+                f"{user}:{pw}".encode()).decode())
+        req = urllib.request.Request(url, data=body, method=method, headers=headers)
         ctx = self.tls.ssl_context() if self.tls else None
         try:
             with urllib.request.urlopen(req, context=ctx, timeout=30) as resp:

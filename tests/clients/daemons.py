@@ -25,6 +25,7 @@ daemonless.  Hence the client commands are wrapped too.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -117,6 +118,7 @@ def _process_tmp() -> Path:
     global _shared_dir
     if _shared_dir is None or not _shared_dir.exists():
         _shared_dir = Path(tempfile.mkdtemp(prefix="rpc-", dir="/tmp"))
+        atexit.register(shutil.rmtree, _shared_dir, True)
     return _shared_dir
 
 

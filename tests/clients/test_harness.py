@@ -80,6 +80,15 @@ def tls_registry(tmp_path_factory, tls):
     reg.stop()
 
 
+@pytest.fixture(scope="session")
+def auth_registry(tmp_path_factory):
+    """Plain HTTP with Basic auth (htpasswd): alice/secret."""
+    reg = LocalRegistry(tmp_path_factory.mktemp("authreg"), htpasswd={"alice": "secret"}).start()
+    _seed(reg)
+    yield reg
+    reg.stop()
+
+
 def test_local_registry_serves_seeded_image(plain_registry, tls_registry):
     """The throwaway registries (http and https with our CA) serve the seeded manifests by digest."""
     for reg in (plain_registry, tls_registry):
@@ -186,6 +195,40 @@ def test_dockerd_login_tag_push_rmi(dockerd, plain_registry):
     assert not dockerd.has_image("tiny:v1")
 
 
+def test_dockerd_login_and_pull_with_basic_auth(dockerd, auth_registry):
+    """docker login fails with a wrong password, succeeds with the right one, and the stored credentials let a pull through."""
+    dockerd.start()
+    ref = f"{auth_registry.host}/tiny:v1"
+    assert dockerd.pull(ref, check=False).returncode != 0
+    assert dockerd.login(auth_registry.host, "alice", "wrong", check=False).returncode != 0
+    dockerd.login(auth_registry.host, "alice", "secret")
+    dockerd.pull(ref)
+    assert dockerd.repo_digests(ref) == [f"{auth_registry.host}/tiny@{Images.tiny.digest}"]
+
+
+def test_dockerd_second_mirror_is_not_hub_fallback(dockerd, plain_registry):
+    """With a dead first mirror and a good second one, the pull succeeds; attempted_next_endpoint() is true but fell_back_to_hub() is not."""
+    dockerd.start(mirrors=[f"http://127.0.0.1:{free_port()}", plain_registry.url])
+    mark = dockerd.log_mark()
+    dockerd.pull("tiny:v1")
+    assert dockerd.attempted_next_endpoint(since=mark)
+    assert not dockerd.fell_back_to_hub(since=mark)
+
+
+def test_two_dockerds_run_side_by_side(tmp_path, plain_registry):
+    """Two Dockerd instances (own sockets, exec-roots, namespaces) run and pull concurrently."""
+    a, b = Dockerd(tmp_path / "a"), Dockerd(tmp_path / "b")
+    try:
+        a.start(mirrors=[plain_registry.url])
+        b.start()
+        a.pull("tiny:v1")
+        b.pull(f"{plain_registry.host}/tiny:v1")
+        assert a.sock != b.sock and a.image_id("tiny:v1") == b.image_id(f"{plain_registry.host}/tiny:v1")
+    finally:
+        a.stop()
+        b.stop()
+
+
 # -- containerd ---------------------------------------------------------------------
 
 @pytest.fixture
@@ -233,6 +276,15 @@ def test_ctr_pull_direct_plain_http(containerd, plain_registry):
     """ctr pulls a host-prefixed ref straight from a plain-HTTP registry with --plain-http and no hosts dir."""
     ref = f"{plain_registry.host}/tiny:v1"
     containerd.pull(ref, None, plain_http=True)
+    assert containerd.image_digest(ref) == Images.tiny.digest
+
+
+def test_ctr_pull_with_user_basic_auth(containerd, auth_registry):
+    """ctr --user U:P answers a Basic challenge; without it the pull is refused."""
+    ref = f"{auth_registry.host}/tiny:v1"
+    res = containerd.pull(ref, None, plain_http=True, check=False)
+    assert res.returncode != 0 and "401" in res.stderr
+    containerd.pull(ref, None, user="alice:secret", plain_http=True)
     assert containerd.image_digest(ref) == Images.tiny.digest
 
 
@@ -319,6 +371,15 @@ def test_skopeo_push_with_creds_and_preserved_digest(plain_registry, tls_registr
     assert plain_registry.manifest_digest("skopeo/pushed", "v1") == Images.oci.digest
 
 
+def test_skopeo_src_creds_basic_auth(auth_registry, tmp_path):
+    """skopeo --src-creds authenticates; without creds the copy is refused."""
+    src = f"docker://{auth_registry.host}/library/tiny:v1"
+    res = skopeo_copy(src, f"dir:{tmp_path / 'x'}", tls_verify=False, check=False)
+    assert res.returncode != 0 and "unauthorized" in res.stderr.lower()
+    skopeo_copy(src, f"dir:{tmp_path / 'out'}", tls_verify=False, src_creds="alice:secret")
+    assert _dir_manifest_digest(tmp_path / "out") == Images.tiny.digest
+
+
 # -- podman -------------------------------------------------------------------------
 
 @pytest.fixture
@@ -348,6 +409,13 @@ def test_podman_pull_via_registries_conf_mirror(podman, plain_registry, tmp_path
     _timed("podman pull via registries.conf mirror (oci, http)", t0)
     assert f"{plain_registry.host}/library/ocitiny" in res.stderr
     assert podman.image_digest("docker.io/library/ocitiny:v1") == Images.oci.digest
+
+
+def test_podman_pull_with_creds(podman, auth_registry):
+    """podman pull --creds authenticates against a Basic-auth registry."""
+    ref = f"{auth_registry.host}/library/ocitiny:v1"
+    podman.pull(ref, tls_verify=False, creds="alice:secret")
+    assert podman.image_digest(ref) == Images.oci.digest
 
 
 def test_missing_binary_fails_loudly(tmp_path):
