@@ -1,0 +1,202 @@
+"""The individual measurements.  Each returns a flat dict of numbers.
+
+Clients are curl and wrk processes, not Python: a Python client on a 2-core
+box would compete with the proxy for CPU and cap what it can show.  The
+clients' own CPU time is recorded next to each throughput figure so a
+saturated client is visible in the results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import resource
+import subprocess
+import time
+from pathlib import Path
+
+from peers import Peer, http_get
+from seed import MANIFEST_TYPE, Blob, Manifest
+
+TICK = os.sysconf("SC_CLK_TCK")
+MB = 1e6
+GIB = 1 << 30
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime+stime of the processes, from /proc/<pid>/stat fields 14 and 15."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / TICK
+
+
+def rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            continue
+    return total
+
+
+def children_cpu() -> float:
+    """CPU of reaped children (our curl clients); deltas give the client's cost."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def curl_argv(url: str, *extra: str) -> list[str]:
+    return ["curl", "-sS", "-k", "--max-time", "600", "-o", "/dev/null",
+            "-w", "%{http_code} %{size_download} %{time_total}\n", *extra, url]
+
+
+def _parse_curl(out: str) -> tuple[int, int, float]:
+    code, size, t = out.split()
+    return int(code), int(size), float(t)
+
+
+def single_stream(peer: Peer, blob: Blob) -> dict[str, float]:
+    """One GET of the big blob: MB/s and the server's CPU seconds per GiB."""
+    pids = peer.pids()
+    cpu0 = cpu_seconds(pids)
+    out = subprocess.run(curl_argv(blob.url(peer.url)), capture_output=True, text=True).stdout
+    cpu1 = cpu_seconds(pids)
+    code, size, t = _parse_curl(out)
+    if code != 200 or size != blob.size:
+        raise RuntimeError(f"single stream: HTTP {code}, {size} of {blob.size} bytes")
+    return {"mbps": size / t / MB, "cpu_s_per_gib": (cpu1 - cpu0) / (size / GIB)}
+
+
+def parallel(peer: Peer, blob: Blob, n: int) -> dict[str, float]:
+    """n concurrent curl processes fetching the same blob: aggregate MB/s."""
+    pids = peer.pids()
+    cpu0, ccpu0 = cpu_seconds(pids), children_cpu()
+    t0 = time.monotonic()
+    procs = [subprocess.Popen(curl_argv(blob.url(peer.url)), stdout=subprocess.PIPE, text=True)
+             for _ in range(n)]
+    outs = [p.communicate()[0] for p in procs]
+    wall = time.monotonic() - t0
+    cpu1, ccpu1 = cpu_seconds(pids), children_cpu()
+    results = [_parse_curl(o) for o in outs]
+    bad = [r for r in results if r[0] != 200 or r[1] != blob.size]
+    if bad:
+        raise RuntimeError(f"parallel {n}: {len(bad)} failed, e.g. HTTP {bad[0][0]}")
+    total = sum(r[1] for r in results)
+    cores = os.cpu_count() or 1
+    return {"mbps": total / wall / MB,
+            "server_cpu_pct": 100 * (cpu1 - cpu0) / (wall * cores),
+            "client_cpu_pct": 100 * (ccpu1 - ccpu0) / (wall * cores)}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        raise ValueError(text)
+    return float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}[m.group(2)]
+
+
+def manifest_wrk(peer: Peer, seconds: float, conns: int) -> dict[str, float]:
+    """wrk against the tagged manifest: req/s and latency percentiles."""
+    url = Manifest.url(peer.url)
+    pids = peer.pids()
+    cpu0 = cpu_seconds(pids)
+    out = subprocess.run(["wrk", "-t2", f"-c{conns}", f"-d{seconds:g}s", "--latency",
+                          "-H", f"Accept: {MANIFEST_TYPE}", url],
+                         capture_output=True, text=True, timeout=seconds + 60).stdout
+    cpu1 = cpu_seconds(pids)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    pct = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {"rps": rps, "p50_ms": _ms(pct["50"]), "p99_ms": _ms(pct["99"]),
+            "non2xx": float(errors.group(1)) if errors else 0.0,
+            "server_cpu_ms_per_req": 1e3 * (cpu1 - cpu0) / max(1.0, rps * seconds)}
+
+
+def rss_growth(peer: Peer, blob: Blob, rate: str, max_seconds: float) -> dict[str, float]:
+    """Peak VmRSS growth of the server while a slow client downloads the big blob.
+
+    A proxy that reads upstream faster than the client drains will buffer the
+    difference; this shows it.  Sampled every 100 ms; the download is cut
+    after max_seconds (0 = let it finish).
+    """
+    pids = peer.pids()
+    base = rss_bytes(pids)
+    peak = base
+    argv = curl_argv(blob.url(peer.url), "--limit-rate", rate)
+    if max_seconds:
+        argv[argv.index("--max-time") + 1] = str(max_seconds)
+    t0 = time.monotonic()
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    while p.poll() is None:
+        peak = max(peak, rss_bytes(pids))
+        time.sleep(0.1)
+    out = p.communicate()[0]
+    _, size, _ = _parse_curl(out)
+    return {"peak_growth_mib": (peak - base) / (1 << 20), "base_rss_mib": base / (1 << 20),
+            "seconds": time.monotonic() - t0,
+            "bytes_read_mib": size / (1 << 20)}
+
+
+def _range_check(url: str, blob: Blob, header: str, first: int, last: int) -> str | None:
+    status, headers, body = http_get(url, {"Range": header})
+    want = f"bytes {first}-{last}/{blob.size}"
+    if status != 206:
+        return f"{header}: HTTP {status} (len {len(body)})"
+    if headers.get("content-range") != want:
+        return f"{header}: Content-Range {headers.get('content-range')!r} != {want!r}"
+    with open(blob.path, "rb") as f:
+        f.seek(first)
+        if body != f.read(last - first + 1):
+            return f"{header}: body differs from the slice"
+    return None
+
+
+def _sha256_of(url: str) -> str:
+    """Stream the GET through sha256sum so no Python sits in the data path."""
+    curl = subprocess.Popen(["curl", "-sS", "-k", "--max-time", "600", url],
+                            stdout=subprocess.PIPE)
+    out = subprocess.run(["sha256sum"], stdin=curl.stdout, capture_output=True, text=True)
+    assert curl.stdout is not None
+    curl.stdout.close()
+    curl.wait()
+    return "sha256:" + out.stdout.split()[0]
+
+
+def correctness(peer: Peer, big: Blob, medium: Blob, manifest: Manifest) -> dict[str, object]:
+    """Ranges (incl. suffix and open-ended) and whole-body digests."""
+    peer.prepare(big.digest)
+    problems: list[str] = []
+    sha_big = _sha256_of(big.url(peer.url))
+    if sha_big != big.digest:
+        problems.append(f"big blob sha256 {sha_big} != digest")
+    n = medium.size
+    cases = [("bytes=0-0", 0, 0), ("bytes=100-1099", 100, 1099),
+             ("bytes=65530-200000", 65530, 200000), (f"bytes=-{500}", n - 500, n - 1),
+             (f"bytes={n - 1000}-", n - 1000, n - 1), (f"bytes=0-{n + 10}", 0, n - 1)]
+    ok = 0
+    url = medium.url(peer.url)
+    for header, first, last in cases:
+        err = _range_check(url, medium, header, first, last)
+        ok += err is None
+        if err:
+            problems.append(err)
+    if _sha256_of(url) != medium.digest:
+        problems.append("medium blob sha256 != digest")
+    status, headers, body = http_get(Manifest.url(peer.url), {"Accept": MANIFEST_TYPE})
+    if status != 200 or "sha256:" + hashlib.sha256(body).hexdigest() != manifest.digest:
+        problems.append(f"manifest: HTTP {status}, body digest mismatch or wrong")
+    elif headers.get("docker-content-digest") not in (None, manifest.digest):
+        problems.append("manifest: Docker-Content-Digest header wrong")
+    return {"ranges_ok": ok, "ranges_total": len(cases),
+            "digests_ok": not any("sha256" in p or "manifest" in p for p in problems),
+            "problems": problems}
+

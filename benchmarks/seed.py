@@ -1,0 +1,129 @@
+"""Make random blobs and push them, plus a manifest, into the upstream registry.
+
+Blobs are random so nothing on the path can compress them.  They are pushed
+through the registry HTTP API (monolithic upload, body streamed from the
+file) rather than written into its storage, so the upstream's state is
+exactly what a `docker push` would leave.  The files and the upstream storage
+are kept in the work directory and reused by later runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = "bench/data"
+TAG = "latest"
+MANIFEST_TYPE = "application/vnd.docker.distribution.manifest.v2+json"
+CHUNK = 4 << 20
+
+
+@dataclass
+class Blob:
+    path: Path
+    size: int
+    digest: str
+
+    def url(self, base: str) -> str:
+        return f"{base}/v2/{REPO}/blobs/{self.digest}"
+
+
+@dataclass
+class Manifest:
+    body: bytes
+    digest: str
+
+    @staticmethod
+    def url(base: str) -> str:
+        return f"{base}/v2/{REPO}/manifests/{TAG}"
+
+
+def make_blob(workdir: Path, size: int) -> Blob:
+    """Random file of size bytes, reused if a previous run made it."""
+    path = workdir / f"blob-{size}.bin"
+    meta = workdir / f"blob-{size}.json"
+    if path.exists() and meta.exists() and path.stat().st_size == size:
+        return Blob(path, size, json.loads(meta.read_text())["digest"])
+    h = hashlib.sha256()
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            chunk = os.urandom(min(CHUNK, left))
+            h.update(chunk)
+            f.write(chunk)
+            left -= len(chunk)
+    digest = "sha256:" + h.hexdigest()
+    meta.write_text(json.dumps({"digest": digest}))
+    return Blob(path, size, digest)
+
+
+def _conn(base: str) -> http.client.HTTPConnection:
+    u = urllib.parse.urlsplit(base)
+    return http.client.HTTPConnection(u.hostname, u.port, timeout=300, blocksize=1 << 20)
+
+
+def _exists(base: str, path: str) -> bool:
+    c = _conn(base)
+    c.request("HEAD", path)
+    status = c.getresponse().status
+    c.close()
+    return status == 200
+
+
+def push_blob(base: str, data: bytes | None = None, blob: Blob | None = None) -> str:
+    """Upload bytes or a file as one blob; returns the digest."""
+    if blob is None:
+        assert data is not None
+        digest, size = "sha256:" + hashlib.sha256(data).hexdigest(), len(data)
+    else:
+        digest, size = blob.digest, blob.size
+    if _exists(base, f"/v2/{REPO}/blobs/{digest}"):
+        return digest
+    c = _conn(base)
+    c.request("POST", f"/v2/{REPO}/blobs/uploads/", headers={"Content-Length": "0"})
+    r = c.getresponse()
+    r.read()
+    if r.status != 202:
+        raise RuntimeError(f"upload start: HTTP {r.status}")
+    loc = urllib.parse.urlsplit(r.getheader("Location", ""))
+    target = f"{loc.path}?{loc.query}&digest={urllib.parse.quote(digest)}"
+    headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+    if blob is None:
+        c.request("PUT", target, body=data, headers=headers)
+    else:
+        with open(blob.path, "rb") as f:
+            c.request("PUT", target, body=f, headers=headers)  # streamed in 1 MiB blocks
+    r = c.getresponse()
+    r.read()
+    c.close()
+    if r.status != 201:
+        raise RuntimeError(f"upload of {digest}: HTTP {r.status}")
+    return digest
+
+
+def push_manifest(base: str, layers: list[Blob]) -> Manifest:
+    """A schema-2 image manifest whose layers are the benchmark blobs."""
+    config = json.dumps({"architecture": "amd64", "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    config_digest = push_blob(base, data=config)
+    body = json.dumps({
+        "schemaVersion": 2, "mediaType": MANIFEST_TYPE,
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                   "size": len(config), "digest": config_digest},
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                    "size": b.size, "digest": b.digest} for b in layers],
+    }, indent=3).encode()
+    c = _conn(base)
+    c.request("PUT", f"/v2/{REPO}/manifests/{TAG}", body=body,
+              headers={"Content-Type": MANIFEST_TYPE})
+    r = c.getresponse()
+    r.read()
+    c.close()
+    if r.status != 201:
+        raise RuntimeError(f"manifest push: HTTP {r.status}")
+    return Manifest(body, "sha256:" + hashlib.sha256(body).hexdigest())
