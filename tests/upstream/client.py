@@ -147,9 +147,16 @@ class UpstreamClient:
         status = self.request("HEAD", f"/v2/{repository}/blobs/{digest}").status
         return status in (200, 307)
 
-    def push_blob(self, repository: str, blob: Blob) -> None:
-        """Monolithic upload (POST then PUT ?digest=), streaming ``blob.path`` if set."""
-        if self.blob_exists(repository, blob.digest):
+    def push_blob(self, repository: str, blob: Blob, *, check_exists: bool | None = None) -> None:
+        """Monolithic upload (POST then PUT ?digest=), streaming ``blob.path`` if set.
+
+        File-backed (big) blobs are skipped when already present; small ones are just
+        re-uploaded, which is cheaper than a HEAD that leaves a 404 error in the
+        registry log.
+        """
+        if check_exists is None:
+            check_exists = blob.path is not None
+        if check_exists and self.blob_exists(repository, blob.digest):
             return
         resp = self.request("POST", f"/v2/{repository}/blobs/uploads/", {"Content-Length": "0"}, b"")
         if resp.status != 202:

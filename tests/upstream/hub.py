@@ -189,7 +189,7 @@ class Hub:
             self._client = UpstreamClient("https://127.0.0.1:1", self.ca_pem, self._admin_token_for)
             self._start_with_port_retry(self._spawn_registry)
             self._client.registry_url = self.registry_url
-            self._wait_http(token_proc, self.token_realm, 200)
+            self._wait_http(token_proc, self.token_realm.replace("/token", "/healthz"), 200)
             if self.seed_on_start:
                 self._seed_small()
         except BaseException:
@@ -285,6 +285,10 @@ http {{
             default_type application/xml;
             return 400 '<?xml version="1.0" encoding="UTF-8"?>\\n<Error><Code>InvalidArgument</Code><Message>Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter, Signature query string parameter or the Authorization header should be specified</Message></Error>\\n';
         }}
+        location = /__health {{
+            access_log off;
+            return 204;
+        }}
         location / {{
             limit_except GET {{ deny all; }}
             autoindex off;
@@ -301,7 +305,7 @@ http {{
              "-g", "daemon off;"],
             cdn / "nginx.out",
         )  # fmt: skip
-        self._wait_http(proc, self.cdn_url + "/", None, extra_log=self.cdn_error_log_path)
+        self._wait_http(proc, self.cdn_url + "/__health", 204, extra_log=self.cdn_error_log_path)
         return proc
 
     def _spawn_registry(self) -> _Proc:

@@ -95,6 +95,10 @@ class TokenHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
+        if url.path == "/healthz":
+            # Readiness probe of the Hub; kept out of the request log on purpose.
+            self._send_json(200, {"status": "ok"})
+            return
         query = parse_qs(url.query, keep_blank_values=True)
         entry: dict[str, Any] = {
             "time": time.time(),
