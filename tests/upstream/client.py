@@ -48,7 +48,9 @@ def ssl_context(ca_pem: Path) -> ssl.SSLContext:
 class UpstreamClient:
     """Blocking client for the registry (with admin tokens minted by ``token_for``) and the CDN."""
 
-    def __init__(self, registry_url: str, ca_pem: Path, token_for: Callable[[list[str]], str]) -> None:
+    def __init__(
+        self, registry_url: str, ca_pem: Path, token_for: Callable[[list[str]], str]
+    ) -> None:
         self.registry_url = registry_url
         self.context = ssl_context(ca_pem)
         self._token_for = token_for
@@ -57,7 +59,11 @@ class UpstreamClient:
         parts = urlsplit(url)
         assert parts.scheme == "https" and parts.hostname, url
         return http.client.HTTPSConnection(
-            parts.hostname, parts.port or 443, context=self.context, timeout=timeout, blocksize=IO_BLOCK
+            parts.hostname,
+            parts.port or 443,
+            context=self.context,
+            timeout=timeout,
+            blocksize=IO_BLOCK,
         )
 
     def open(
@@ -108,7 +114,9 @@ class UpstreamClient:
         timeout: float = 60,
     ) -> Response:
         """Like :meth:`open` but reads the whole body (do not use for big blobs)."""
-        conn, resp = self.open(method, path, headers, body, auth=auth, scopes=scopes, timeout=timeout)
+        conn, resp = self.open(
+            method, path, headers, body, auth=auth, scopes=scopes, timeout=timeout
+        )
         try:
             data = resp.read()
             return Response(resp.status, resp.headers, data)
@@ -121,7 +129,9 @@ class UpstreamClient:
         registry = urlsplit(self.registry_url).netloc
         for _ in range(3):
             # Credentials go to the registry only, never to the redirect target.
-            conn, resp = self.open("GET", url, auth=auth and urlsplit(url).netloc == registry)
+            conn, resp = self.open(
+                "GET", url, auth=auth and urlsplit(url).netloc == registry
+            )
             try:
                 if resp.status in (301, 302, 303, 307, 308):
                     location = resp.headers["Location"]
@@ -130,7 +140,9 @@ class UpstreamClient:
                     url = urljoin(url, location)
                     continue
                 if resp.status != 200:
-                    raise AssertionError(f"GET {url} -> {resp.status}: {resp.read()[:500]!r}")
+                    raise AssertionError(
+                        f"GET {url} -> {resp.status}: {resp.read()[:500]!r}"
+                    )
                 h = hashlib.sha256()
                 while chunk := resp.read(IO_BLOCK):
                     h.update(chunk)
@@ -147,7 +159,9 @@ class UpstreamClient:
         status = self.request("HEAD", f"/v2/{repository}/blobs/{digest}").status
         return status in (200, 307)
 
-    def push_blob(self, repository: str, blob: Blob, *, check_exists: bool | None = None) -> None:
+    def push_blob(
+        self, repository: str, blob: Blob, *, check_exists: bool | None = None
+    ) -> None:
         """Monolithic upload (POST then PUT ?digest=), streaming ``blob.path`` if set.
 
         File-backed (big) blobs are skipped when already present; small ones are just
@@ -158,25 +172,41 @@ class UpstreamClient:
             check_exists = blob.path is not None
         if check_exists and self.blob_exists(repository, blob.digest):
             return
-        resp = self.request("POST", f"/v2/{repository}/blobs/uploads/", {"Content-Length": "0"}, b"")
+        resp = self.request(
+            "POST", f"/v2/{repository}/blobs/uploads/", {"Content-Length": "0"}, b""
+        )
         if resp.status != 202:
-            raise RuntimeError(f"upload start for {repository} -> {resp.status}: {resp.body[:500]!r}")
+            raise RuntimeError(
+                f"upload start for {repository} -> {resp.status}: {resp.body[:500]!r}"
+            )
         location = resp.headers["Location"]
         sep = "&" if "?" in location else "?"
         put_url = f"{location}{sep}digest={blob.digest}"
-        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(blob.size)}
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(blob.size),
+        }
         scopes = [f"repository:{repository}:*"]
         if blob.path is not None:
             with blob.path.open("rb") as f:
-                resp = self.request("PUT", put_url, headers, f, scopes=scopes, timeout=600)
+                resp = self.request(
+                    "PUT", put_url, headers, f, scopes=scopes, timeout=600
+                )
         else:
             resp = self.request("PUT", put_url, headers, blob.data, scopes=scopes)
         if resp.status != 201:
-            raise RuntimeError(f"upload of {blob.digest} to {repository} -> {resp.status}: {resp.body[:500]!r}")
+            raise RuntimeError(
+                f"upload of {blob.digest} to {repository} -> {resp.status}: {resp.body[:500]!r}"
+            )
 
-    def put_manifest(self, repository: str, reference: str, media_type: str, manifest: bytes) -> str:
+    def put_manifest(
+        self, repository: str, reference: str, media_type: str, manifest: bytes
+    ) -> str:
         resp = self.request(
-            "PUT", f"/v2/{repository}/manifests/{reference}", {"Content-Type": media_type}, manifest
+            "PUT",
+            f"/v2/{repository}/manifests/{reference}",
+            {"Content-Type": media_type},
+            manifest,
         )
         if resp.status != 201:
             raise RuntimeError(

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from tests.upstream import images as img
 from tests.upstream.client import Response, UpstreamClient
@@ -47,7 +47,12 @@ NGINX_BIN = shutil.which("nginx") or "/usr/sbin/nginx"
 def host_platform() -> str:
     """``linux/amd64`` on x86_64 etc.: the platform real clients will pick."""
     machine = platform.machine().lower()
-    arch = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(machine, machine)
+    arch = {
+        "x86_64": "amd64",
+        "amd64": "amd64",
+        "aarch64": "arm64",
+        "arm64": "arm64",
+    }.get(machine, machine)
     return f"linux/{arch}"
 
 
@@ -134,7 +139,9 @@ class Hub:
     service = "registry.test"
     issuer = "regproxy-test-auth"
 
-    def __init__(self, workdir: Path, *, seed: bool = True, startup_timeout: float = 20.0) -> None:
+    def __init__(
+        self, workdir: Path, *, seed: bool = True, startup_timeout: float = 20.0
+    ) -> None:
         self.workdir = Path(workdir)
         self.seed_on_start = seed
         self.startup_timeout = startup_timeout
@@ -159,15 +166,18 @@ class Hub:
 
     # -- lifecycle -----------------------------------------------------------
 
-    def __enter__(self) -> Hub:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()
 
-    def start(self) -> Hub:
+    def start(self) -> Self:
         """Start token server, CDN and registry, wait until each answers, then seed."""
         if self._started:
             return self
@@ -184,12 +194,18 @@ class Hub:
             )
             token_proc = self._spawn_token_server()
             self._start_with_port_retry(self._spawn_cdn)
-            token_port = self._wait_port_file(token_proc, self.workdir / "token" / "port")
+            token_port = self._wait_port_file(
+                token_proc, self.workdir / "token" / "port"
+            )
             self.token_realm = f"https://127.0.0.1:{token_port}/token"
-            self._client = UpstreamClient("https://127.0.0.1:1", self.ca_pem, self._admin_token_for)
+            self._client = UpstreamClient(
+                "https://127.0.0.1:1", self.ca_pem, self._admin_token_for
+            )
             self._start_with_port_retry(self._spawn_registry)
             self._client.registry_url = self.registry_url
-            self._wait_http(token_proc, self.token_realm.replace("/token", "/healthz"), 200)
+            self._wait_http(
+                token_proc, self.token_realm.replace("/token", "/healthz"), 200
+            )
             if self.seed_on_start:
                 self._seed_small()
         except BaseException:
@@ -207,7 +223,13 @@ class Hub:
 
     # -- components ----------------------------------------------------------
 
-    def _spawn(self, name: str, argv: list[str], log: Path, env: Mapping[str, str] | None = None) -> _Proc:
+    def _spawn(
+        self,
+        name: str,
+        argv: list[str],
+        log: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> _Proc:
         proc = _Proc(name, argv, log, env=env, cwd=self.workdir)
         self._procs.append(proc)
         proc.start()
@@ -218,25 +240,35 @@ class Hub:
         port_file = self.workdir / "token" / "port"
         port_file.unlink(missing_ok=True)
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(REPO_ROOT), env.get("PYTHONPATH", "")]
+        ).rstrip(os.pathsep)
         return self._spawn(
             "token server",
             [
                 sys.executable,
                 "-m",
                 "tests.upstream.tokenserver",
-                "--cert", str(self._pki.server_cert),
-                "--key", str(self._pki.server_key),
-                "--signing-cert", str(self._pki.token_cert),
-                "--signing-key", str(self._pki.token_key),
-                "--issuer", self.issuer,
-                "--service", self.service,
-                "--log", str(self.token_log_path),
-                "--port-file", str(port_file),
+                "--cert",
+                str(self._pki.server_cert),
+                "--key",
+                str(self._pki.server_key),
+                "--signing-cert",
+                str(self._pki.token_cert),
+                "--signing-key",
+                str(self._pki.token_key),
+                "--issuer",
+                self.issuer,
+                "--service",
+                self.service,
+                "--log",
+                str(self.token_log_path),
+                "--port-file",
+                str(port_file),
             ],
             self.workdir / "token" / "server.log",
             env=env,
-        )  # fmt: skip
+        )
 
     def _spawn_cdn(self) -> _Proc:
         """nginx serving the storage root; 400 to any request with Authorization."""
@@ -301,11 +333,22 @@ http {{
         self.cdn_url = f"https://127.0.0.1:{port}"
         proc = self._spawn(
             "cdn (nginx)",
-            [NGINX_BIN, "-p", str(cdn), "-c", str(conf_path), "-e", str(self.cdn_error_log_path),
-             "-g", "daemon off;"],
+            [
+                NGINX_BIN,
+                "-p",
+                str(cdn),
+                "-c",
+                str(conf_path),
+                "-e",
+                str(self.cdn_error_log_path),
+                "-g",
+                "daemon off;",
+            ],
             cdn / "nginx.out",
-        )  # fmt: skip
-        self._wait_http(proc, self.cdn_url + "/__health", 204, extra_log=self.cdn_error_log_path)
+        )
+        self._wait_http(
+            proc, self.cdn_url + "/__health", 204, extra_log=self.cdn_error_log_path
+        )
         return proc
 
     def _spawn_registry(self) -> _Proc:
@@ -314,7 +357,11 @@ http {{
         self.registry_url = f"https://127.0.0.1:{port}"
         config: dict[str, Any] = {
             "version": "0.1",
-            "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": False}},
+            "log": {
+                "level": "info",
+                "formatter": "text",
+                "accesslog": {"disabled": False},
+            },
             "storage": {
                 "filesystem": {"rootdirectory": str(self.storage_dir)},
                 "delete": {"enabled": True},
@@ -324,7 +371,10 @@ http {{
             "http": {
                 "addr": f"127.0.0.1:{port}",
                 "secret": secrets.token_hex(16),
-                "tls": {"certificate": str(self._pki.server_cert), "key": str(self._pki.server_key)},
+                "tls": {
+                    "certificate": str(self._pki.server_cert),
+                    "key": str(self._pki.server_key),
+                },
                 "headers": {"X-Content-Type-Options": ["nosniff"]},
             },
             "auth": {
@@ -335,13 +385,20 @@ http {{
                     "rootcertbundle": str(self._pki.token_cert),
                 }
             },
-            "middleware": {"storage": [{"name": "redirect", "options": {"baseurl": self.cdn_url}}]},
+            "middleware": {
+                "storage": [{"name": "redirect", "options": {"baseurl": self.cdn_url}}]
+            },
             "health": {"storagedriver": {"enabled": False}},
         }
         conf_path = self.workdir / "registry" / "config.yml"
         conf_path.write_text(json.dumps(config, indent=2))  # JSON is valid YAML
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-        proc = self._spawn("registry", [REGISTRY_BIN, "serve", str(conf_path)], self.registry_log_path, env)
+        proc = self._spawn(
+            "registry",
+            [REGISTRY_BIN, "serve", str(conf_path)],
+            self.registry_log_path,
+            env,
+        )
         self._wait_http(proc, self.registry_url + "/v2/", 401)
         return proc
 
@@ -351,7 +408,10 @@ http {{
             try:
                 return spawn()  # type: ignore[no-any-return]
             except StartupError as e:
-                if "address already in use" not in str(e).lower() or attempt == attempts - 1:
+                if (
+                    "address already in use" not in str(e).lower()
+                    or attempt == attempts - 1
+                ):
                     raise
                 failed = self._procs.pop()
                 failed.stop()
@@ -369,7 +429,9 @@ http {{
             time.sleep(0.02)
         raise StartupError(f"{proc.name} did not report its port:\n{proc.tail()}")
 
-    def _wait_http(self, proc: _Proc, url: str, expect: int | None, extra_log: Path | None = None) -> None:
+    def _wait_http(
+        self, proc: _Proc, url: str, expect: int | None, extra_log: Path | None = None
+    ) -> None:
         """Poll ``url`` until it answers (``expect`` status, or any if None)."""
         client = UpstreamClient(url, self.ca_pem, self._admin_token_for)
         deadline = time.monotonic() + self.startup_timeout
@@ -387,7 +449,9 @@ http {{
             time.sleep(0.05)
         detail = proc.tail()
         if extra_log is not None and extra_log.exists():
-            detail += "\n" + "\n".join(extra_log.read_text(errors="replace").splitlines()[-20:])
+            detail += "\n" + "\n".join(
+                extra_log.read_text(errors="replace").splitlines()[-20:]
+            )
         state = "exited" if not proc.running() else f"not answering ({last})"
         raise StartupError(f"{proc.name} {state} at {url}:\n{detail}")
 
@@ -399,22 +463,34 @@ http {{
         for child in image.platforms.values():
             for blob in child.blobs():
                 client.push_blob(image.repository, blob)
-            client.put_manifest(image.repository, child.digest, child.media_type, child.manifest)
+            client.put_manifest(
+                image.repository, child.digest, child.media_type, child.manifest
+            )
         for blob in image.blobs() if not image.is_index else []:
             client.push_blob(image.repository, blob)
-        digest = client.put_manifest(image.repository, image.tag, image.media_type, image.manifest)
+        digest = client.put_manifest(
+            image.repository, image.tag, image.media_type, image.manifest
+        )
         if digest and digest != image.digest:
-            raise RuntimeError(f"registry computed {digest} for {image.reference}, expected {image.digest}")
+            raise RuntimeError(
+                f"registry computed {digest} for {image.reference}, expected {image.digest}"
+            )
         self.images[image.reference] = image
         return image
 
     def _seed_small(self) -> None:
         p = self.platform
-        alpine = img.make_image("library/alpine", "3.21", seed="alpine-3.21", platform=p)
+        alpine = img.make_image(
+            "library/alpine", "3.21", seed="alpine-3.21", platform=p
+        )
         self.push(alpine)
         self.push(_retag(alpine, "latest"))
-        self.push(img.make_image("library/alpine", "3.20", seed="alpine-3.20", platform=p))
-        self.push(img.make_image("library/alpine", "3.19", seed="alpine-3.19", platform=p))
+        self.push(
+            img.make_image("library/alpine", "3.20", seed="alpine-3.20", platform=p)
+        )
+        self.push(
+            img.make_image("library/alpine", "3.19", seed="alpine-3.19", platform=p)
+        )
         for repo, oci in (("library/multi", False), ("library/ociidx", True)):
             children = [
                 img.make_image(repo, "latest", seed=repo, platform=plat, oci=oci)
@@ -422,7 +498,11 @@ http {{
             ]
             self.push(img.make_index(repo, "latest", children, oci=oci))
         self.push(img.make_image("myorg/tool", "1.0", seed="myorg/tool", platform=p))
-        self.push(img.make_image("private/secret", "latest", seed="private/secret", platform=p))
+        self.push(
+            img.make_image(
+                "private/secret", "latest", seed="private/secret", platform=p
+            )
+        )
 
     def seed_big(self, size: int = 1 << 30) -> SeededImage:
         """Push ``library/big:latest`` with one ~``size``-byte layer (generated once, cached)."""
@@ -430,7 +510,9 @@ http {{
         if existing is not None and existing.layers[0].size >= size:
             return existing
         layer = img.write_big_layer(self.cache_dir / f"big-{size}.tar.gz", size)
-        image = img.image_from_layers("library/big", "latest", "big", [layer], self.platform, oci=False)
+        image = img.image_from_layers(
+            "library/big", "latest", "big", [layer], self.platform, oci=False
+        )
         return self.push(image)
 
     # -- helpers for tests ---------------------------------------------------
@@ -452,11 +534,15 @@ http {{
         parsed = [s for s in (Scope.parse(x) for x in scopes) if s is not None]
         return self._signer.sign("admin", parsed)
 
-    def get(self, path: str, headers: Mapping[str, str] | None = None, *, auth: bool = True) -> Response:
+    def get(
+        self, path: str, headers: Mapping[str, str] | None = None, *, auth: bool = True
+    ) -> Response:
         """GET from the registry with an admin token (scoped from the path); no redirects followed."""
         return self.client.request("GET", path, headers, auth=auth)
 
-    def head(self, path: str, headers: Mapping[str, str] | None = None, *, auth: bool = True) -> Response:
+    def head(
+        self, path: str, headers: Mapping[str, str] | None = None, *, auth: bool = True
+    ) -> Response:
         """HEAD counterpart of :meth:`get`."""
         return self.client.request("HEAD", path, headers, auth=auth)
 
@@ -472,7 +558,9 @@ http {{
     def _jsonl(path: Path) -> list[dict[str, Any]]:
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [
+            json.loads(line) for line in path.read_text().splitlines() if line.strip()
+        ]
 
     def token_log(self) -> list[dict[str, Any]]:
         """Requests the token server saw: method, path, query, form, authorization, username, scopes."""
@@ -484,7 +572,11 @@ http {{
 
     def registry_log(self) -> str:
         """The registry's raw log (access log lines included)."""
-        return self.registry_log_path.read_text(errors="replace") if self.registry_log_path.exists() else ""
+        return (
+            self.registry_log_path.read_text(errors="replace")
+            if self.registry_log_path.exists()
+            else ""
+        )
 
 
 def _retag(image: SeededImage, tag: str) -> SeededImage:

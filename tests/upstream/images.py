@@ -33,7 +33,7 @@ OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 #: Accept header that gets every manifest type back unchanged.  distribution 2.8
 #: answers 404 for an OCI index unless the client accepts it, and rewrites a Docker
 #: list to the amd64 manifest for clients that do not accept lists.
-ALL_MANIFEST_TYPES = ", ".join([DOCKER_MANIFEST, DOCKER_LIST, OCI_MANIFEST, OCI_INDEX])
+ALL_MANIFEST_TYPES = f"{DOCKER_MANIFEST}, {DOCKER_LIST}, {OCI_MANIFEST}, {OCI_INDEX}"
 
 #: Fixed timestamp so configs (and hence digests) never change between runs.
 EPOCH = 1704067200  # 2024-01-01T00:00:00Z
@@ -96,7 +96,9 @@ class SeededImage:
     #: Child manifest digests, for lists/indexes, in manifest order.
     children: tuple[str, ...] = ()
     #: ``"linux/amd64"`` → child image, for lists/indexes.
-    platforms: dict[str, SeededImage] = field(default_factory=dict, hash=False, compare=False)
+    platforms: dict[str, SeededImage] = field(
+        default_factory=dict, hash=False, compare=False
+    )
     platform: str = "linux/amd64"
 
     @property
@@ -118,7 +120,12 @@ class SeededImage:
             if child.config_digest and child.config is not None:
                 seen.setdefault(
                     child.config_digest,
-                    Blob(child.config_digest, len(child.config), "config", data=child.config),
+                    Blob(
+                        child.config_digest,
+                        len(child.config),
+                        "config",
+                        data=child.config,
+                    ),
                 )
             for layer in child.layers:
                 seen.setdefault(layer.digest, layer)
@@ -144,7 +151,9 @@ def make_layer(seed: str, size: int, oci: bool) -> Blob:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         tar.addfile(_tarinfo("regproxy-test", directory=True))
-        name = "regproxy-test/" + hashlib.sha256(seed.encode()).hexdigest()[:16] + ".bin"
+        name = (
+            "regproxy-test/" + hashlib.sha256(seed.encode()).hexdigest()[:16] + ".bin"
+        )
         tar.addfile(_tarinfo(name, size), io.BytesIO(random_bytes(seed, size)))
     raw = buf.getvalue()
     gz = gzip.compress(raw, compresslevel=6, mtime=0)
@@ -166,13 +175,16 @@ def make_config(label: str, platform: str, layers: list[Blob]) -> bytes:
         "os": os_,
         "created": CREATED,
         "config": {
-            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Env": [
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+            ],
             "Cmd": ["/bin/sh"],
             "Labels": {"org.regproxy.test": label},
         },
         "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
         "history": [
-            {"created": CREATED, "created_by": f"regproxy test layer {i}"} for i in range(len(layers))
+            {"created": CREATED, "created_by": f"regproxy test layer {i}"}
+            for i in range(len(layers))
         ],
     }
     if variant:
@@ -191,9 +203,10 @@ def image_from_layers(
 ) -> SeededImage:
     config = make_config(label, platform, layers)
     config_digest = sha256_digest(config)
+    media_type = OCI_MANIFEST if oci else DOCKER_MANIFEST
     doc = {
         "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST if oci else DOCKER_MANIFEST,
+        "mediaType": media_type,
         "config": {
             "mediaType": OCI_CONFIG if oci else DOCKER_CONFIG,
             "size": len(config),
@@ -206,7 +219,7 @@ def image_from_layers(
         repository=repository,
         tag=tag,
         digest=sha256_digest(manifest),
-        media_type=doc["mediaType"],
+        media_type=media_type,
         manifest=manifest,
         config_digest=config_digest,
         config=config,
@@ -225,11 +238,15 @@ def make_image(
     layer_sizes: tuple[int, ...] = (96 << 10, 160 << 10),
 ) -> SeededImage:
     """A single-platform image whose layers hold ``layer_sizes`` random bytes each."""
-    layers = [make_layer(f"{seed}/{platform}/{i}", n, oci) for i, n in enumerate(layer_sizes)]
+    layers = [
+        make_layer(f"{seed}/{platform}/{i}", n, oci) for i, n in enumerate(layer_sizes)
+    ]
     return image_from_layers(repository, tag, seed, layers, platform, oci)
 
 
-def make_index(repository: str, tag: str, children: list[SeededImage], oci: bool) -> SeededImage:
+def make_index(
+    repository: str, tag: str, children: list[SeededImage], oci: bool
+) -> SeededImage:
     """A Docker manifest list or OCI index over already built ``children``."""
     entries = []
     for child in children:
@@ -239,10 +256,17 @@ def make_index(repository: str, tag: str, children: list[SeededImage], oci: bool
         if variant:
             plat["variant"] = variant
         entries.append(
-            {"mediaType": child.media_type, "size": child.size, "digest": child.digest, "platform": plat}
+            {
+                "mediaType": child.media_type,
+                "size": child.size,
+                "digest": child.digest,
+                "platform": plat,
+            }
         )
     media_type = OCI_INDEX if oci else DOCKER_LIST
-    manifest = _manifest_bytes({"schemaVersion": 2, "mediaType": media_type, "manifests": entries})
+    manifest = _manifest_bytes(
+        {"schemaVersion": 2, "mediaType": media_type, "manifests": entries}
+    )
     return SeededImage(
         repository=repository,
         tag=tag,
@@ -266,7 +290,13 @@ def write_big_layer(path: Path, size: int, seed: str = "big") -> Blob:
     if path.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("size") == size and path.stat().st_size == meta["compressed_size"]:
-            return Blob(meta["digest"], meta["compressed_size"], DOCKER_LAYER, path=path, diff_id=meta["diff_id"])
+            return Blob(
+                meta["digest"],
+                meta["compressed_size"],
+                DOCKER_LAYER,
+                path=path,
+                diff_id=meta["diff_id"],
+            )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
     diff = hashlib.sha256()
@@ -296,9 +326,20 @@ def write_big_layer(path: Path, size: int, seed: str = "big") -> Blob:
         written += len(tail)
     tmp.replace(path)
     blob = Blob(
-        "sha256:" + comp.hexdigest(), written, DOCKER_LAYER, path=path, diff_id="sha256:" + diff.hexdigest()
+        "sha256:" + comp.hexdigest(),
+        written,
+        DOCKER_LAYER,
+        path=path,
+        diff_id="sha256:" + diff.hexdigest(),
     )
     meta_path.write_text(
-        json.dumps({"size": size, "digest": blob.digest, "compressed_size": written, "diff_id": blob.diff_id})
+        json.dumps(
+            {
+                "size": size,
+                "digest": blob.digest,
+                "compressed_size": written,
+                "diff_id": blob.diff_id,
+            }
+        )
     )
     return blob

@@ -20,17 +20,25 @@ from urllib.parse import urlencode
 import jwt
 import pytest
 
+from tests.upstream import hub as hub_module
 from tests.upstream import images as img
 from tests.upstream.client import Response
 from tests.upstream.hub import Hub
 
 
 def _basic(user: str, password: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+    return {
+        "Authorization": "Basic "
+        + base64.b64encode(f"{user}:{password}".encode()).decode()
+    }
 
 
-def _token_get(hub: Hub, params: list[tuple[str, str]], headers: dict[str, str] | None = None) -> Response:
-    return hub.client.request("GET", f"{hub.token_realm}?{urlencode(params)}", headers, auth=False)
+def _token_get(
+    hub: Hub, params: list[tuple[str, str]], headers: dict[str, str] | None = None
+) -> Response:
+    return hub.client.request(
+        "GET", f"{hub.token_realm}?{urlencode(params)}", headers, auth=False
+    )
 
 
 def _token_post(hub: Hub, form: dict[str, str]) -> Response:
@@ -79,7 +87,9 @@ def test_token_get_grants_each_repeated_scope(hub: Hub) -> None:
     assert body["expires_in"] == 300 and body["issued_at"]
     claims = _claims(body["token"])
     assert claims["aud"] == hub.service
-    assert [f"{a['type']}:{a['name']}:{','.join(a['actions'])}" for a in claims["access"]] == scopes
+    assert [
+        f"{a['type']}:{a['name']}:{','.join(a['actions'])}" for a in claims["access"]
+    ] == scopes
     entry = hub.token_log()[-1]
     assert entry["method"] == "GET" and entry["query"]["scope"] == scopes
     assert entry["scopes_granted"] == scopes and entry["authorization"] is False
@@ -132,11 +142,18 @@ def test_token_post_password_and_refresh_grants(hub: Hub) -> None:
     }
     refreshed = _token_post(
         hub,
-        {"grant_type": "refresh_token", "refresh_token": body["refresh_token"], "service": hub.service,
-         "client_id": "regproxy-tests", "scope": "repository:myorg/tool:push"},
-    )  # fmt: skip
+        {
+            "grant_type": "refresh_token",
+            "refresh_token": body["refresh_token"],
+            "service": hub.service,
+            "client_id": "regproxy-tests",
+            "scope": "repository:myorg/tool:push",
+        },
+    )
     assert refreshed.status == 200
-    assert _claims(json.loads(refreshed.body)["access_token"])["access"][0]["actions"] == ["push"]
+    assert _claims(json.loads(refreshed.body)["access_token"])["access"][0][
+        "actions"
+    ] == ["push"]
     assert "<redacted>" in json.dumps(hub.token_log()[-2]["form"]["password"])
 
 
@@ -144,7 +161,12 @@ def test_token_get_offline_returns_refresh_token(hub: Hub) -> None:
     """docker login's GET (account, client_id, offline_token=true, no scope) returns a refresh_token."""
     resp = _token_get(
         hub,
-        [("account", "alice"), ("client_id", "docker"), ("offline_token", "true"), ("service", hub.service)],
+        [
+            ("account", "alice"),
+            ("client_id", "docker"),
+            ("offline_token", "true"),
+            ("service", hub.service),
+        ],
         _basic("alice", "wonderland"),
     )
     assert resp.status == 200
@@ -158,8 +180,16 @@ def test_wrong_password_is_401_json(hub: Hub, method: str) -> None:
     if method == "GET":
         resp = _token_get(hub, [("service", hub.service)], _basic("alice", "nope"))
     else:
-        resp = _token_post(hub, {"grant_type": "password", "username": "alice", "password": "nope",
-                                 "service": hub.service, "client_id": "t"})  # fmt: skip
+        resp = _token_post(
+            hub,
+            {
+                "grant_type": "password",
+                "username": "alice",
+                "password": "nope",
+                "service": hub.service,
+                "client_id": "t",
+            },
+        )
     assert resp.status == 401
     assert resp.headers["Content-Type"] == "application/json"
     assert json.loads(resp.body)["errors"][0]["code"] == "UNAUTHORIZED"
@@ -169,14 +199,21 @@ def test_private_repo_denied_anonymously(hub: Hub) -> None:
     """private/ gets no anonymous grant (registry says insufficient_scope); alice can pull."""
     token = _anon_token(hub, "repository:private/secret:pull")
     assert _claims(token)["access"] == []
-    resp = hub.get("/v2/private/secret/manifests/latest", {"Authorization": f"Bearer {token}"})
+    resp = hub.get(
+        "/v2/private/secret/manifests/latest", {"Authorization": f"Bearer {token}"}
+    )
     assert resp.status == 401
     assert 'error="insufficient_scope"' in resp.headers["WWW-Authenticate"]
     alice = json.loads(
-        _token_get(hub, [("service", hub.service), ("scope", "repository:private/secret:pull")],
-                   _basic("alice", "wonderland")).body
-    )["token"]  # fmt: skip
-    ok = hub.get("/v2/private/secret/manifests/latest", {"Authorization": f"Bearer {alice}"})
+        _token_get(
+            hub,
+            [("service", hub.service), ("scope", "repository:private/secret:pull")],
+            _basic("alice", "wonderland"),
+        ).body
+    )["token"]
+    ok = hub.get(
+        "/v2/private/secret/manifests/latest", {"Authorization": f"Bearer {alice}"}
+    )
     assert ok.status == 200 and ok.body == hub.images["private/secret:latest"].manifest
 
 
@@ -185,7 +222,9 @@ def test_blob_get_redirects_to_cdn(hub: Hub) -> None:
     layer = hub.images["library/alpine:latest"].layers[0]
     resp = hub.get(f"/v2/library/alpine/blobs/{layer.digest}")
     assert resp.status == 307
-    assert resp.headers["Location"].startswith(hub.cdn_url + "/docker/registry/v2/blobs/sha256/")
+    assert resp.headers["Location"].startswith(
+        hub.cdn_url + "/docker/registry/v2/blobs/sha256/"
+    )
 
 
 def test_blob_head_redirects_too(hub: Hub) -> None:
@@ -199,7 +238,9 @@ def test_cdn_rejects_authorization(hub: Hub) -> None:
     """The CDN answers 400 to a request carrying Authorization, as S3 presigned URLs do."""
     layer = hub.images["library/alpine:latest"].layers[0]
     location = hub.get(f"/v2/library/alpine/blobs/{layer.digest}").headers["Location"]
-    resp = hub.client.request("GET", location, {"Authorization": "Bearer x"}, auth=False)
+    resp = hub.client.request(
+        "GET", location, {"Authorization": "Bearer x"}, auth=False
+    )
     assert resp.status == 400 and b"InvalidArgument" in resp.body
     entry = hub.cdn_log()[-1]
     assert entry["status"] == 400 and entry["authorization"] is True
@@ -227,7 +268,10 @@ def test_cdn_supports_range(hub: Hub) -> None:
 
 @pytest.mark.parametrize(
     ("ref", "media_type"),
-    [("library/multi:latest", img.DOCKER_LIST), ("library/ociidx:latest", img.OCI_INDEX)],
+    [
+        ("library/multi:latest", img.DOCKER_LIST),
+        ("library/ociidx:latest", img.OCI_INDEX),
+    ],
 )
 def test_indexes_and_children_are_served(hub: Hub, ref: str, media_type: str) -> None:
     """Docker list / OCI index and each child (by digest) come back byte-identical."""
@@ -248,7 +292,13 @@ def test_seeded_tags_and_catalog(hub: Hub) -> None:
     tags = json.loads(hub.get("/v2/library/alpine/tags/list").body)["tags"]
     assert sorted(tags) == ["3.19", "3.20", "3.21", "latest"]
     repos = json.loads(hub.get("/v2/_catalog").body)["repositories"]
-    assert {"library/alpine", "library/multi", "library/ociidx", "myorg/tool", "private/secret"} <= set(repos)
+    assert {
+        "library/alpine",
+        "library/multi",
+        "library/ociidx",
+        "myorg/tool",
+        "private/secret",
+    } <= set(repos)
 
 
 def test_layers_unpack_to_their_diff_ids(hub: Hub) -> None:
@@ -292,3 +342,31 @@ def test_seed_big_roundtrips_through_cdn(hub: Hub) -> None:
     assert layer.size > 1 << 30
     assert hub.images["library/big:latest"] is image
     assert hub.blob_digest("library/big", layer.digest) == layer.digest
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+def test_failed_start_raises_log_tail_and_kills_everything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If a component dies at start-up, start() raises with its log tail and stops the rest."""
+    fake = tmp_path / "fake-registry"
+    fake.write_text("#!/bin/sh\necho 'fake registry: boom' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr("tests.upstream.hub.REGISTRY_BIN", str(fake))
+    workdir = tmp_path / "hub"
+    with pytest.raises(hub_module.StartupError, match="fake registry: boom"):
+        Hub(workdir).start()
+    assert _processes_mentioning(str(workdir)) == []

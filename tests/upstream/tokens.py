@@ -104,17 +104,25 @@ class Signer:
     _kid: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self._x5c = [base64.b64encode(self.cert.public_bytes(serialization.Encoding.DER)).decode()]
+        self._x5c = [
+            base64.b64encode(
+                self.cert.public_bytes(serialization.Encoding.DER)
+            ).decode()
+        ]
         self._kid = libtrust_kid(self.cert)
 
     @classmethod
-    def from_files(cls, key_path: Path, cert_path: Path, issuer: str, service: str) -> Signer:
+    def from_files(
+        cls, key_path: Path, cert_path: Path, issuer: str, service: str
+    ) -> Signer:
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
         assert isinstance(key, rsa.RSAPrivateKey)
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         return cls(key=key, cert=cert, issuer=issuer, service=service)
 
-    def sign(self, subject: str | None, access: list[Scope], expires_in: int = EXPIRES_IN) -> str:
+    def sign(
+        self, subject: str | None, access: list[Scope], expires_in: int = EXPIRES_IN
+    ) -> str:
         """Return a compact RS256 JWT the distribution registry accepts."""
         now = int(time.time())
         claims: dict[str, Any] = {
@@ -125,13 +133,19 @@ class Signer:
             "nbf": now - 10,
             "iat": now,
             "jti": secrets.token_hex(16),
-            "access": [{"type": s.type, "name": s.name, "actions": list(s.actions)} for s in access],
+            "access": [
+                {"type": s.type, "name": s.name, "actions": list(s.actions)}
+                for s in access
+            ],
         }
         return jwt.encode(
-            claims, self.key, algorithm="RS256", headers={"x5c": self._x5c, "kid": self._kid}
+            claims,
+            self.key,
+            algorithm="RS256",
+            headers={"x5c": self._x5c, "kid": self._kid},
         )
 
 
 def issued_at() -> str:
     """RFC 3339 timestamp as Docker Hub's ``issued_at``."""
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -66,10 +66,12 @@ class TokenHandler(BaseHTTPRequestHandler):
 
     # -- plumbing ----------------------------------------------------------
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: Any) -> None:
         """Silence the default stderr access log; the JSON log is the record."""
 
-    def _send_json(self, status: int, body: dict[str, Any], extra: dict[str, str] | None = None) -> None:
+    def _send_json(
+        self, status: int, body: dict[str, Any], extra: dict[str, str] | None = None
+    ) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -86,7 +88,9 @@ class TokenHandler(BaseHTTPRequestHandler):
         if scheme.lower() != "basic":
             return None
         try:
-            user, _, password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+            user, _, password = (
+                base64.b64decode(value.strip(), validate=True).decode().partition(":")
+            )
         except (binascii.Error, UnicodeDecodeError):
             return ("", "")
         return (user, password)
@@ -135,7 +139,10 @@ class TokenHandler(BaseHTTPRequestHandler):
                 "expires_in": EXPIRES_IN,
                 "issued_at": issued_at(),
             }
-            if user is not None and query.get("offline_token", [""])[-1].lower() == "true":
+            if (
+                user is not None
+                and query.get("offline_token", [""])[-1].lower() == "true"
+            ):
                 body["refresh_token"] = self._new_refresh_token(user)
             entry["status"] = 200
             self._send_json(200, body)
@@ -147,7 +154,9 @@ class TokenHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length) if length else b""
         form = parse_qs(raw.decode("utf-8", "replace"), keep_blank_values=True)
-        logged_form = {k: (["<redacted>"] if k in ("password",) else v) for k, v in form.items()}
+        logged_form = {
+            k: (["<redacted>"] if k in ("password",) else v) for k, v in form.items()
+        }
         entry: dict[str, Any] = {
             "time": time.time(),
             "method": "POST",
@@ -192,7 +201,10 @@ class TokenHandler(BaseHTTPRequestHandler):
                 entry["status"] = 400
                 self._send_json(
                     400,
-                    {"error": "unsupported_grant_type", "error_description": f"grant_type {grant_type!r}"},
+                    {
+                        "error": "unsupported_grant_type",
+                        "error_description": f"grant_type {grant_type!r}",
+                    },
                 )
                 return
             scopes = [s for v in form.get("scope", []) for s in v.split(" ") if s]
@@ -218,7 +230,12 @@ class TokenHandler(BaseHTTPRequestHandler):
         """Docker Hub answers bad credentials with 401 and a JSON body."""
         self._send_json(
             401,
-            {"details": message, "errors": [{"code": "UNAUTHORIZED", "message": message, "detail": None}]},
+            {
+                "details": message,
+                "errors": [
+                    {"code": "UNAUTHORIZED", "message": message, "detail": None}
+                ],
+            },
             {"WWW-Authenticate": 'Basic realm="regproxy test auth"'},
         )
 
@@ -230,19 +247,25 @@ class TokenHandler(BaseHTTPRequestHandler):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cert", type=Path, required=True, help="TLS server certificate (PEM chain)")
+    parser.add_argument(
+        "--cert", type=Path, required=True, help="TLS server certificate (PEM chain)"
+    )
     parser.add_argument("--key", type=Path, required=True, help="TLS server key")
     parser.add_argument("--signing-cert", type=Path, required=True)
     parser.add_argument("--signing-key", type=Path, required=True)
     parser.add_argument("--issuer", required=True)
     parser.add_argument("--service", required=True)
-    parser.add_argument("--log", type=Path, required=True, help="JSON-lines request log")
+    parser.add_argument(
+        "--log", type=Path, required=True, help="JSON-lines request log"
+    )
     parser.add_argument("--port-file", type=Path, required=True)
     args = parser.parse_args(argv)
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(args.cert, args.key)
-    signer = Signer.from_files(args.signing_key, args.signing_cert, args.issuer, args.service)
+    signer = Signer.from_files(
+        args.signing_key, args.signing_cert, args.issuer, args.service
+    )
     server = TokenServer(signer, args.log, context)
     port = server.server_address[1]
     tmp = args.port_file.with_suffix(".tmp")
