@@ -10,7 +10,6 @@ from __future__ import annotations
 import html
 import json
 import re
-from io import BytesIO
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
@@ -19,7 +18,7 @@ from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import FileBodyProducer, ResponseFailed, ResponseNeverReceived
+from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http import NO_BODY_CODES
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
@@ -31,6 +30,7 @@ from .auth import rewrite_challenge, token_query
 from .headers import client_response_headers, rewrite_link, rewrite_url, upstream_request_headers
 from .names import upstream_name
 from .pipe import BodyIdleTimeout, BodyPipe
+from .upload import MAX_SMALL_BODY, BytesBody
 from .upstream import Upstream, discard
 
 _CORS = {
@@ -246,11 +246,11 @@ class RegistryProxy(Resource):
             return upload  # type: ignore[no-any-return]
         content = request.content
         assert content is not None
-        content.seek(0, 2)
-        if content.tell() == 0:
-            return None
         content.seek(0)
-        return FileBodyProducer(content)
+        data = content.read(MAX_SMALL_BODY + 1)
+        if len(data) > MAX_SMALL_BODY:
+            raise errors.RegistryError(413, "SIZE_INVALID", f"request body over {MAX_SMALL_BODY} bytes")
+        return BytesBody(data) if data else None
 
     async def _relay(self, request: Request, response: IResponse, names: dict[str, str]) -> None:
         """Pass an upstream response on: status, rewritten headers, streamed body."""
@@ -323,8 +323,8 @@ class RegistryProxy(Resource):
             content.seek(0)
             form = content.read(_MAX_TOKEN_FORM + 1)
             if len(form) > _MAX_TOKEN_FORM:
-                raise errors.RegistryError(400, "UNSUPPORTED", "token request body too large")
-            body = FileBodyProducer(BytesIO(token_query(form, to_upstream)))
+                raise errors.RegistryError(413, "SIZE_INVALID", "token request body too large")
+            body = BytesBody(token_query(form, to_upstream))
         response = await upstream.send(request.method, url, headers, body)
         exchange.upstream_status = response.code
         await self._stream(request, response, client_response_headers(response.headers))

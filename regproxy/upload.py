@@ -33,6 +33,33 @@ class UploadTooLarge(errors.RegistryError):
         super().__init__(413, "SIZE_INVALID", f"upload larger than this proxy's limit of {limit} bytes")
 
 
+#: Bodies that are not blob uploads (manifests, token forms) are small; the
+#: distribution registry itself refuses manifests over 4 MiB.
+MAX_SMALL_BODY = 4 << 20
+
+
+@implementer(IBodyProducer)
+class BytesBody:
+    """A small in-memory body, written in one go (no cooperator, no reactor turn)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self._data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
 def is_blob_upload(method: bytes, uri: bytes) -> bool:
     """Whether a request (by its request line) carries a blob upload body worth streaming."""
     return method in _STREAMED_METHODS and uri.startswith(b"/v2/") and b"/blobs/uploads/" in uri
