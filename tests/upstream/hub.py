@@ -27,8 +27,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
@@ -402,11 +402,13 @@ http {{
         self._wait_http(proc, self.registry_url + "/v2/", 401)
         return proc
 
-    def _start_with_port_retry(self, spawn: Any, attempts: int = 3) -> _Proc:
+    def _start_with_port_retry(
+        self, spawn: Callable[[], _Proc], attempts: int = 3
+    ) -> _Proc:
         """Retry when the pre-picked port was grabbed by someone else meanwhile."""
         for attempt in range(attempts):
             try:
-                return spawn()  # type: ignore[no-any-return]
+                return spawn()
             except StartupError as e:
                 if (
                     "address already in use" not in str(e).lower()
@@ -580,6 +582,5 @@ http {{
 
 
 def _retag(image: SeededImage, tag: str) -> SeededImage:
-    from dataclasses import replace
-
+    """The same manifest under another tag (alpine:latest is alpine:3.21, as on Hub)."""
     return replace(image, tag=tag)
