@@ -16,6 +16,7 @@ import ipaddress
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -377,3 +378,56 @@ class LocalRegistry:
             "HEAD", f"/v2/{name}/manifests/{ref}",
             headers={"Accept": f"{DOCKER_MANIFEST}, {OCI_MANIFEST}"})
         return headers.get("Docker-Content-Digest") if status == 200 else None
+
+
+# --------------------------------------------------------------------------
+# A read-only registry served from memory inside the test's reactor
+
+
+def static_registry_resource(repos: dict[str, dict[str, Image]], fail_manifest_by_digest: bool = False):
+    """A twisted.web resource answering pulls of ``repos`` ({name: {tag: Image}}) from memory.
+
+    For tests that run a server in the reactor and a blocking client in a
+    thread.  ``fail_manifest_by_digest`` answers 404 to manifest GETs by
+    digest (dockerd then warns and falls back to pulling by tag).
+    """
+    from twisted.web import resource
+
+    manifests: dict[tuple[str, str], Image] = {}
+    blobs: dict[tuple[str, str], bytes] = {}
+    for name, tags in repos.items():
+        for tag, img in tags.items():
+            manifests[(name, tag)] = manifests[(name, img.digest)] = img
+            for d, b in img.blobs.items():
+                blobs[(name, d)] = b
+
+    class StaticRegistry(resource.Resource):
+        isLeaf = True
+        requests: list[tuple[str, str]] = []
+
+        def render_GET(self, request):  # HEAD is answered by render_GET without body
+            path = request.path.decode()
+            self.requests.append((request.method.decode(), path))
+            request.setHeader("Docker-Distribution-API-Version", "registry/2.0")
+            if path == "/v2/":
+                request.setHeader("Content-Type", "application/json")
+                return b"{}"
+            m = re.fullmatch(r"/v2/(.+)/(manifests|blobs)/([^/]+)", path)
+            if m:
+                name, kind, ref = m.groups()
+                if kind == "manifests" and (name, ref) in manifests and not (
+                        fail_manifest_by_digest and ref.startswith("sha256:")):
+                    img = manifests[(name, ref)]
+                    request.setHeader("Content-Type", img.manifest_type)
+                    request.setHeader("Docker-Content-Digest", img.digest)
+                    return img.manifest
+                if kind == "blobs" and (name, ref) in blobs:
+                    request.setHeader("Content-Type", "application/octet-stream")
+                    request.setHeader("Docker-Content-Digest", ref)
+                    return blobs[(name, ref)]
+            request.setResponseCode(404)
+            request.setHeader("Content-Type", "application/json")
+            return json.dumps({"errors": [{"code": "MANIFEST_UNKNOWN" if "manifests" in path
+                                           else "BLOB_UNKNOWN", "message": "unknown"}]}).encode()
+
+    return StaticRegistry()

@@ -43,7 +43,8 @@ except ImportError:  # pragma: no cover - imported as a top-level module
     from _localregistry import require_binary  # type: ignore[no-redef]
 
 __all__ = [
-    "HUB_NAMES", "ClientError", "HubFallbackError", "DaemonStartError",
+    "HUB_NAMES", "ClientError", "HubFallbackError", "SuspiciousPullError", "SUSPICIOUS_PULL",
+    "DaemonStartError",
     "hub_blackhole_hosts", "isolated_argv", "leftover_mounts",
     "Dockerd", "Containerd", "write_hosts_toml",
     "skopeo", "skopeo_copy", "skopeo_accessed", "write_registries_conf",
@@ -83,6 +84,19 @@ class ClientError(subprocess.CalledProcessError):
 
 class HubFallbackError(AssertionError):
     """A pull succeeded, but only after falling back to Docker Hub (mirror broken)."""
+
+
+class SuspiciousPullError(AssertionError):
+    """A docker pull succeeded but dockerd printed a warning that hides a broken
+    registry/proxy (pull-by-tag fallback, schema 1 conversion); see ``SUSPICIOUS_PULL``."""
+
+
+# dockerd falls back silently-ish on these; a proxy that drops/collapses the
+# six Accept headers makes distribution answer a schema-1 manifest (other digest).
+SUSPICIOUS_PULL = (
+    "Failed to pull manifest by the resolved digest",
+    "outdated schema1 manifest format",
+)
 
 
 class DaemonStartError(RuntimeError):
@@ -401,9 +415,14 @@ class Dockerd(_Daemon):
                     input=input, log_tail=self.log_tail)
 
     def pull(self, ref: str, *, check: bool = True, allow_fallback: bool = False,
-             timeout: float | None = DEFAULT_TIMEOUT) -> subprocess.CompletedProcess:
-        """``docker pull REF``; a *successful* pull that fell back to Docker Hub raises
-        HubFallbackError unless ``allow_fallback``."""
+             strict: bool = True, timeout: float | None = DEFAULT_TIMEOUT,
+             ) -> subprocess.CompletedProcess:
+        """``docker pull REF``.
+
+        A *successful* pull that fell back to Docker Hub raises HubFallbackError
+        unless ``allow_fallback``; one whose output carries a ``SUSPICIOUS_PULL``
+        warning raises SuspiciousPullError unless ``strict=False``.
+        """
         mark = self.log_mark()
         t0 = time.monotonic()
         res = self.docker("pull", ref, check=check, timeout=timeout)
@@ -412,6 +431,11 @@ class Dockerd(_Daemon):
             raise HubFallbackError(
                 f"docker pull {ref} succeeded only after falling back from the mirror:\n"
                 + self._fallback_lines(mark))
+        if res.returncode == 0 and strict:
+            out = res.stdout + res.stderr
+            hits = [w for w in SUSPICIOUS_PULL if w in out]
+            if hits:
+                raise SuspiciousPullError(f"docker pull {ref} warned {hits}:\n{out}")
         return res
 
     def push(self, ref: str, *, check: bool = True,

@@ -12,10 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+import pytest_twisted
 
 from . import daemons
-from ._localregistry import LocalRegistry, make_image, make_tls, free_port
-from .daemons import (Containerd, Dockerd, Podman,
+from ._localregistry import (LocalRegistry, free_port, make_image, make_tls,
+                             static_registry_resource)
+from .daemons import (Containerd, Dockerd, Podman, SuspiciousPullError,
                       skopeo, skopeo_accessed, skopeo_copy, write_hosts_toml,
                       write_registries_conf)
 
@@ -424,3 +426,53 @@ def test_missing_binary_fails_loudly(tmp_path):
         Dockerd(tmp_path, dockerd="/nonexistent/dockerd")
     with pytest.raises(FileNotFoundError):
         skopeo("--version", binary="no-such-skopeo")
+
+
+# -- pattern: server in the reactor, blocking client in a thread ---------------------
+
+def _listen(site):
+    from twisted.internet import reactor
+    return reactor.listenTCP(0, site, interface="127.0.0.1")
+
+
+@pytest_twisted.inlineCallbacks
+def test_in_reactor_registry_serves_docker_pull_run_in_thread(tmp_path):
+    """A registry running in the test's reactor serves a mirror pull driven via deferToThread (the pattern for in-process proxy tests)."""
+    from twisted.internet import threads
+    from twisted.web import server
+
+    res = static_registry_resource({"library/tiny": {"v1": Images.tiny}})
+    port = _listen(server.Site(res))
+    d = Dockerd(tmp_path / "dockerd")
+    try:
+        yield threads.deferToThread(d.start, mirrors=[f"http://127.0.0.1:{port.getHost().port}"])
+        t0 = time.monotonic()
+        yield threads.deferToThread(d.pull, "tiny:v1")
+        _timed("docker pull via in-reactor registry (tiny)", t0)
+        digests = yield threads.deferToThread(d.repo_digests, "tiny:v1")
+        assert digests == [f"tiny@{Images.tiny.digest}"]
+        assert ("GET", f"/v2/library/tiny/manifests/{Images.tiny.digest}") in res.requests
+    finally:
+        yield threads.deferToThread(d.stop)
+        yield port.stopListening()
+
+
+@pytest_twisted.inlineCallbacks
+def test_dockerd_strict_pull_rejects_deprecated_fallbacks(tmp_path):
+    """Dockerd.pull raises SuspiciousPullError when dockerd had to fall back to pulling by tag (what a proxy mangling manifests causes); strict=False allows it."""
+    from twisted.internet import threads
+    from twisted.web import server
+
+    port = _listen(server.Site(static_registry_resource(
+        {"library/tiny": {"v1": Images.tiny}}, fail_manifest_by_digest=True)))
+    d = Dockerd(tmp_path / "dockerd")
+    try:
+        yield threads.deferToThread(d.start, mirrors=[f"http://127.0.0.1:{port.getHost().port}"])
+        with pytest.raises(SuspiciousPullError, match="resolved digest"):
+            yield threads.deferToThread(d.pull, "tiny:v1")
+        yield threads.deferToThread(d.rmi, "tiny:v1")
+        r = yield threads.deferToThread(d.pull, "tiny:v1", strict=False)
+        assert "Failed to pull manifest by the resolved digest" in r.stdout + r.stderr
+    finally:
+        yield threads.deferToThread(d.stop)
+        yield port.stopListening()
