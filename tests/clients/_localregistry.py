@@ -91,7 +91,7 @@ def make_tls(directory: str | os.PathLike, names: tuple[str, ...] = ("localhost"
 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "regproxy test CA")])
     ca = (
@@ -288,15 +288,14 @@ class LocalRegistry:
             f"{tls}"
         )
 
-    def start(self, timeout: float = 15.0) -> "LocalRegistry":
+    def start(self, timeout: float = 15.0) -> LocalRegistry:
         self.port = free_port()
         cfg = self.workdir / "config.yml"
         cfg.write_text(self._config())
-        logf = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([self.binary, "serve", str(cfg)], stdout=logf,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
-        logf.close()
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen([self.binary, "serve", str(cfg)], stdout=logf,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -403,7 +402,10 @@ def static_registry_resource(repos: dict[str, dict[str, Image]], fail_manifest_b
 
     class StaticRegistry(resource.Resource):
         isLeaf = True
-        requests: list[tuple[str, str]] = []
+
+        def __init__(self):
+            super().__init__()
+            self.requests: list[tuple[str, str]] = []
 
         def render_GET(self, request):  # HEAD is answered by render_GET without body
             path = request.path.decode()

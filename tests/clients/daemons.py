@@ -34,8 +34,8 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 try:  # package-relative when imported as tests.clients / clients
     from ._localregistry import require_binary
@@ -43,12 +43,24 @@ except ImportError:  # pragma: no cover - imported as a top-level module
     from _localregistry import require_binary  # type: ignore[no-redef]
 
 __all__ = [
-    "HUB_NAMES", "ClientError", "HubFallbackError", "SuspiciousPullError", "SUSPICIOUS_PULL",
+    "HUB_NAMES",
+    "SUSPICIOUS_PULL",
+    "ClientError",
+    "Containerd",
     "DaemonStartError",
-    "hub_blackhole_hosts", "isolated_argv", "leftover_mounts",
-    "Dockerd", "Containerd", "write_hosts_toml",
-    "skopeo", "skopeo_copy", "skopeo_accessed", "write_registries_conf",
-    "Podman", "require_binary",
+    "Dockerd",
+    "HubFallbackError",
+    "Podman",
+    "SuspiciousPullError",
+    "hub_blackhole_hosts",
+    "isolated_argv",
+    "leftover_mounts",
+    "require_binary",
+    "skopeo",
+    "skopeo_accessed",
+    "skopeo_copy",
+    "write_hosts_toml",
+    "write_registries_conf",
 ]
 
 DOCKER_CLIENT = "/usr/bin/docker"  # /usr/local/bin/docker is an unrelated newer client
@@ -189,11 +201,12 @@ def _group_members(pgid: int) -> list[int]:
 def _run(argv: Sequence[str], *, env: Mapping[str, str] | None, check: bool, timeout: float | None,
          input: str | None = None, log_tail=lambda: "") -> subprocess.CompletedProcess:
     try:
-        res = subprocess.run(list(argv), env=dict(env) if env is not None else None, input=input,
+        res = subprocess.run(list(argv), check=False, env=dict(env) if env is not None else None, input=input,
                              capture_output=True, text=True, timeout=timeout,
                              stdin=None if input is not None else subprocess.DEVNULL)
     except subprocess.TimeoutExpired as e:
-        raise ClientError(-1, argv, e.output, f"TIMEOUT after {timeout}s\n{e.stderr or ''}",
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        raise ClientError(-1, argv, e.output, f"TIMEOUT after {timeout}s\n{err}",
                           log_tail()) from None
     if check and res.returncode != 0:
         raise ClientError(res.returncode, argv, res.stdout, res.stderr, log_tail())
@@ -242,15 +255,15 @@ class _Daemon:
         return self.proc is not None and self.proc.poll() is None
 
     def _spawn(self, argv: Sequence[str]) -> None:
-        logf = open(self.log_path, "ab")
-        logf.write(f"\n===== regproxy harness: starting {' '.join(argv)}\n".encode())
-        logf.flush()
-        self.proc = subprocess.Popen(isolated_argv(argv, self.hosts_file), stdout=logf,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, cwd=self.workdir)
-        logf.close()
+        with open(self.log_path, "ab") as logf:
+            logf.write(f"\n===== regproxy harness: starting {' '.join(argv)}\n".encode())
+            logf.flush()
+            self.proc = subprocess.Popen(isolated_argv(argv, self.hosts_file), stdout=logf,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True, cwd=self.workdir)
 
     def _wait_ready(self, probe) -> None:
+        assert self.proc is not None
         t0 = time.monotonic()
         deadline = t0 + self.start_timeout
         while time.monotonic() < deadline:
@@ -360,7 +373,7 @@ class Dockerd(_Daemon):
         self.daemon_json.write_text(json.dumps(cfg, indent=2))
 
     def start(self, mirrors: Iterable[str] = (), insecure: Iterable[str] = (),
-              extra_config: Mapping | None = None) -> "Dockerd":
+              extra_config: Mapping | None = None) -> Dockerd:
         """Start dockerd with ``registry-mirrors``/``insecure-registries``; wait for the API."""
         assert not self.running, "already running"
         self.mirrors = list(mirrors)
@@ -390,7 +403,7 @@ class Dockerd(_Daemon):
         return self
 
     def restart(self, mirrors: Iterable[str] | None = None, insecure: Iterable[str] | None = None,
-                extra_config: Mapping | None = None) -> "Dockerd":
+                extra_config: Mapping | None = None) -> Dockerd:
         """Stop and start again with a rewritten daemon.json (None keeps the current value)."""
         mirrors = self.mirrors if mirrors is None else mirrors
         insecure = self.insecure if insecure is None else insecure
@@ -524,6 +537,7 @@ class Containerd(_Daemon):
 
     def _config(self) -> str:
         s = self.short
+        assert s is not None
         return f"""version = 2
 root = "{self.root}"
 state = "{s / 'state'}"
@@ -546,7 +560,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   pause_threshold = 0.02
 """
 
-    def start(self) -> "Containerd":
+    def start(self) -> Containerd:
         assert not self.running, "already running"
         self.root.mkdir(exist_ok=True)
         self.short = Path(tempfile.mkdtemp(prefix="rpcd-", dir="/tmp"))

@@ -15,11 +15,27 @@ import pytest
 import pytest_twisted
 
 from . import daemons
-from ._localregistry import (LocalRegistry, free_port, make_image, make_tls,
-                             static_registry_resource)
-from .daemons import (Containerd, Dockerd, Podman, SuspiciousPullError,
-                      skopeo, skopeo_accessed, skopeo_copy, write_hosts_toml,
-                      write_registries_conf)
+from ._localregistry import (
+    LocalRegistry,
+    free_port,
+    make_image,
+    make_tls,
+    static_registry_resource,
+)
+from .daemons import (
+    Containerd,
+    DaemonStartError,
+    Dockerd,
+    Podman,
+    SuspiciousPullError,
+    skopeo,
+    skopeo_accessed,
+    skopeo_copy,
+    write_hosts_toml,
+    write_registries_conf,
+)
+
+pytestmark = pytest.mark.clients
 
 TIMINGS: dict[str, float] = {}
 
@@ -476,3 +492,11 @@ def test_dockerd_strict_pull_rejects_deprecated_fallbacks(tmp_path):
     finally:
         yield threads.deferToThread(d.stop)
         yield port.stopListening()
+
+
+def test_dockerd_start_failure_reports_log_tail(tmp_path):
+    """A dockerd that cannot start raises DaemonStartError with the daemon's log tail, and leaves no socket dir behind."""
+    d = Dockerd(tmp_path / "bad", extra_args=["--no-such-flag"], start_timeout=10)
+    with pytest.raises(DaemonStartError, match="no-such-flag"):
+        d.start()
+    assert d.short is None and not d.running
