@@ -11,7 +11,7 @@ import html
 import json
 import re
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, quote, unquote
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as ConnectTimeout
@@ -211,6 +211,8 @@ class RegistryProxy(Resource):
             self._check_namespace(query)
             up_name = upstream_name(route.name, upstream.library_prefix)
             names[up_name] = route.name
+        if route.kind is routes.Kind.UPLOAD_START and upstream.library_prefix:
+            query = rename_mount_source(query)
         url = upstream.url(route.upstream_path(up_name), query)
         headers = upstream_request_headers(request.requestHeaders)
         body = self._body(request)
@@ -345,6 +347,20 @@ class RegistryProxy(Resource):
             f"<p>containerd (<code>hosts.toml</code>): <code>[host.\"{base}\"] capabilities = [\"pull\", \"resolve\"]</code></p>"
             "<p>Health: <a href='/healthz'>/healthz</a></p></body></html>\n"
         ).encode("utf-8")
+
+
+def rename_mount_source(query: bytes) -> bytes:
+    """Give a cross-repository mount's C{from=} the upstream spelling (C{alpine} ->
+    C{library/alpine}), leaving the rest of the query byte for byte."""
+    parts = query.split(b"&")
+    for i, part in enumerate(parts):
+        key, sep, value = part.partition(b"=")
+        if key == b"from" and sep:
+            name = unquote(value.decode("latin-1"))
+            renamed = upstream_name(name, True)
+            if renamed != name:
+                parts[i] = b"from=" + quote(renamed, safe="/").encode("ascii")
+    return b"&".join(parts)
 
 
 def _gone(request: Request) -> bool:

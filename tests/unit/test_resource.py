@@ -140,10 +140,19 @@ def test_upload_body_reaches_upstream(h: Harness) -> None:
     assert r.headers.getRawHeaders(b"location") == [b"/v2/x/blobs/uploads/u1?_state=next"]
 
 
-def test_mount_from_renamed_in_token_scope_only_path_query_kept(h: Harness) -> None:
-    """A mount POST keeps its query; the path name gets library/."""
+def test_mount_query_kept_and_from_renamed(h: Harness) -> None:
+    """A mount POST keeps its query; path name and a one-component from= both get library/."""
     h.request("POST", f"/v2/x/blobs/uploads/?mount={BLOB_DIGEST}&from=library/y", headers=AUTH)
     assert h.registry.seen[-1].uri == f"/v2/library/x/blobs/uploads/?mount={BLOB_DIGEST}&from=library/y".encode()
+    h.request("POST", f"/v2/x/blobs/uploads/?from=y&mount={BLOB_DIGEST}", headers=AUTH)
+    assert h.registry.seen[-1].uri == f"/v2/library/x/blobs/uploads/?from=library/y&mount={BLOB_DIGEST}".encode()
+
+
+def test_mount_from_not_renamed_without_prefix() -> None:
+    """Without the library/ rule, from= is forwarded as sent."""
+    h = Harness(library_prefix=False)
+    h.request("POST", f"/v2/x/blobs/uploads/?mount={BLOB_DIGEST}&from=y", headers=AUTH)
+    assert h.registry.seen[-1].uri == f"/v2/x/blobs/uploads/?mount={BLOB_DIGEST}&from=y".encode()
 
 
 def test_tags_link_rewritten(h: Harness) -> None:
