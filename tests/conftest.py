@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.proxyproc import ProxyProcess
-from tests.upstream.fixtures import hub  # noqa: F401
 from tests.upstream.hub import Hub
+
+pytest_plugins = ["tests.upstream.fixtures"]
 
 _skipped: list[str] = []
 
@@ -26,13 +27,19 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if os.environ.get("REGPROXY_NO_SKIP") == "1" and _skipped:
+    if os.environ.get("REGPROXY_NO_SKIP") != "1":
+        return
+    if _skipped:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    elif exitstatus == pytest.ExitCode.NO_TESTS_COLLECTED:
+        # A full run that collected nothing is broken, not green.
+        print("\nREGPROXY_NO_SKIP=1: no tests were collected; failing the run")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: object, exitstatus: int) -> None:
     if os.environ.get("REGPROXY_NO_SKIP") == "1" and _skipped:
-        write = getattr(terminalreporter, "write_line")
+        write = terminalreporter.write_line
         write(f"REGPROXY_NO_SKIP=1: {len(_skipped)} test(s) skipped, failing the run:")
         for nodeid in _skipped:
             write(f"  skipped: {nodeid}")

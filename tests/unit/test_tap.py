@@ -1,0 +1,88 @@
+"""The twist plugin: discoverable, options as documented, services as configured."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import IServiceMaker, MultiService
+from twisted.internet.testing import MemoryReactor
+from twisted.plugin import getPlugins
+from twisted.python.usage import UsageError
+
+from regproxy.tap import Options, makeService, parse_size
+
+
+def parse(*args: str) -> Options:
+    options = Options()
+    options.parseOptions(list(args))
+    return options
+
+
+def test_plugin_discoverable() -> None:
+    """`twist regproxy` finds the plugin through twisted.plugins."""
+    assert "regproxy" in {p.tapname for p in getPlugins(IServiceMaker)}
+
+
+def test_defaults() -> None:
+    """Defaults: listen on tcp:5000, Docker Hub upstream, library/ rule decided by the upstream."""
+    options = parse()
+    assert options["listen"] == ["tcp:5000"]
+    assert options["upstream"] == "https://registry-1.docker.io"
+    assert options["library-prefix"] is None
+    assert options["max-upload-size"] == 0
+
+
+def test_acceptance_command_line_spellings(tmp_path: Path) -> None:
+    """The exact flags the acceptance checks use parse, and give one service per --listen."""
+    from tests.upstream.pki import make_pki
+
+    pki = make_pki(tmp_path)
+    options = parse(
+        "--listen", "tcp:0:interface=127.0.0.1",
+        "--listen", f"ssl:0:interface=127.0.0.1:privateKey={pki.server_key}:certKey={pki.server_cert}",
+        "--upstream", "https://127.0.0.1:5001",
+        "--upstream-ca", str(pki.ca_cert),
+        "--library-prefix",
+    )
+    assert options["library-prefix"] is True
+    service = makeService(options, MemoryReactor())
+    assert isinstance(service, MultiService)
+    children = list(service)
+    assert len(children) == 2 and all(isinstance(c, StreamServerEndpointService) for c in children)
+
+
+def test_no_library_prefix_flag() -> None:
+    """--no-library-prefix forces the rule off."""
+    assert parse("--no-library-prefix")["library-prefix"] is False
+
+
+@pytest.mark.parametrize("args", [["--upstream", "ftp://x"], ["--upstream-ca", "/nonexistent.pem"], ["--max-upload-size", "lots"], ["--public-url", "proxy:5000"]])
+def test_bad_options_are_usage_errors(args: list[str]) -> None:
+    """Misconfiguration is a clear usage error at startup."""
+    with pytest.raises(UsageError):
+        parse(*args)
+
+
+def test_parse_size() -> None:
+    """Sizes take binary units."""
+    assert parse_size("0") == 0 and parse_size("10M") == 10 << 20 and parse_size("20G") == 20 << 30
+    assert parse_size("1GiB") == 1 << 30 and parse_size(512) == 512
+
+
+def test_installed_twist_lists_plugin(tmp_path: Path) -> None:
+    """The installed package's `twist` (not the source tree) offers `regproxy` with its options."""
+    try:
+        importlib.metadata.distribution("regproxy")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("regproxy is not installed in this environment (tox installs it)")
+    twist = Path(sys.executable).parent / "twist"
+    assert twist.exists() or shutil.which("twist")
+    out = subprocess.run([str(twist), "regproxy", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "--upstream" in out.stdout and "--library-prefix" in out.stdout
