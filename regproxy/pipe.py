@@ -9,6 +9,8 @@ the caller drops the client connection instead of finishing a short body.
 
 from __future__ import annotations
 
+from typing import cast
+
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
@@ -39,16 +41,19 @@ class BodyPipe(Protocol):
         self._client_gone = False
         self._paused = False
         self.received = 0
+        #: The upstream response's transport (a TransportProxyProducer): what we pause.
+        self._upstream: IPushProducer | None = None
         self.done: Deferred[int] = Deferred(self._cancel)
 
     def _cancel(self, _: Deferred[int]) -> None:
         self._stop_timer()
-        if self.transport is not None:
-            self.transport.stopProducing()
+        if self._upstream is not None:
+            self._upstream.stopProducing()
 
     # Protocol: driven by the upstream response.
 
     def connectionMade(self) -> None:
+        self._upstream = cast(IPushProducer, self.transport)
         self._request.registerProducer(self, True)
         self._arm_timer()
 
@@ -75,17 +80,17 @@ class BodyPipe(Protocol):
         self._paused = True
         # A client that is not reading is not the upstream's fault.
         self._stop_timer()
-        self.transport.pauseProducing()
+        cast(IPushProducer, self._upstream).pauseProducing()
 
     def resumeProducing(self) -> None:
         self._paused = False
         self._arm_timer()
-        self.transport.resumeProducing()
+        cast(IPushProducer, self._upstream).resumeProducing()
 
     def stopProducing(self) -> None:
         self._client_gone = True
         self._stop_timer()
-        self.transport.stopProducing()
+        cast(IPushProducer, self._upstream).stopProducing()
 
     # Idle timer: a stalled upstream must not hold the client forever.
 
@@ -103,4 +108,4 @@ class BodyPipe(Protocol):
         self._timer = None
         if not self.done.called:
             self.done.errback(BodyIdleTimeout(f"upstream body idle for {self._idle_timeout}s"))
-        self.transport.stopProducing()
+        cast(IPushProducer, self._upstream).stopProducing()

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote, unquote
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as ConnectTimeout
+from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -95,7 +96,7 @@ class RegistryProxy(Resource):
         d = Deferred.fromCoroutine(self._handle(request, exchange))
         d.addErrback(self._failed, request, exchange)
         finished = request.notifyFinish()
-        finished.addErrback(lambda f: (d.cancel(), f)[1])
+        finished.addErrback(_cancel_when_client_leaves, d)
         finished.addBoth(self._access_log, request, exchange, started)
         return NOT_DONE_YET
 
@@ -346,7 +347,7 @@ class RegistryProxy(Resource):
             f"<p>Or pull directly: <code>docker pull {host}/library/alpine:latest</code></p>"
             f"<p>containerd (<code>hosts.toml</code>): <code>[host.\"{base}\"] capabilities = [\"pull\", \"resolve\"]</code></p>"
             "<p>Health: <a href='/healthz'>/healthz</a></p></body></html>\n"
-        ).encode("utf-8")
+        ).encode()
 
 
 def rename_mount_source(query: bytes) -> bytes:
@@ -363,9 +364,15 @@ def rename_mount_source(query: bytes) -> bytes:
     return b"&".join(parts)
 
 
+def _cancel_when_client_leaves(failure: Failure, work: Deferred[None]) -> Failure:
+    """The client disconnected: stop the upstream exchange (and its transfer)."""
+    work.cancel()
+    return failure
+
+
 def _gone(request: Request) -> bool:
     """The request is answered or its client left (twisted.web drops C{channel} then)."""
-    return request.finished or getattr(request, "channel", None) is None
+    return bool(request.finished) or getattr(request, "channel", None) is None
 
 
 def _close_if_body_pending(request: Request) -> None:

@@ -146,7 +146,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         max_redirects=options["max-redirects"],
     )
     settings = Settings(public_url=options["public-url"], idle_timeout=options["idle-timeout"])
-    site = RegistrySite(RegistryProxy(upstream, reactor, settings))
+    site = RegistrySite(RegistryProxy(upstream, reactor, settings), reactor=reactor)
     site.max_upload_size = options["max-upload-size"]
     site.displayTracebacks = False
     parent = MultiService()

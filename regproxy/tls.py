@@ -12,6 +12,7 @@ from pathlib import Path
 
 from OpenSSL import SSL, crypto
 from twisted.internet._sslverify import IOpenSSLTrustRoot  # the trust-root hook optionsForClientTLS takes
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.web.client import BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IPolicyForHTTPS
@@ -56,7 +57,7 @@ class ExtraCAPolicy:
     def __init__(self, extra: list[crypto.X509]) -> None:
         self._root = SystemAndExtraRoots(extra)
 
-    def creatorForNetloc(self, hostname: bytes, port: int) -> object:
+    def creatorForNetloc(self, hostname: bytes, port: int) -> IOpenSSLClientConnectionCreator:
         return optionsForClientTLS(hostname.decode("ascii"), trustRoot=self._root)
 
 

@@ -199,7 +199,19 @@ class StreamingRequest(Request):
         limit = getattr(getattr(channel, "site", None), "max_upload_size", 0)
         self.content = BytesIO()
         self.upload = UploadBody(self, length, limit)
-        # Dispatch now: the resource starts the upstream request while the body flows.
+        # Dispatch on the next reactor turn, not inside the channel's header
+        # handling: an answer written from here (a 413, a bad name) would come
+        # before the channel's "100 Continue" and before it has dealt with the
+        # rest of the bytes it is parsing. Body bytes arriving meanwhile are kept
+        # (bounded) by the UploadBody.
+        reactor = getattr(getattr(channel, "site", None), "reactor", None)
+        if reactor is None:
+            from twisted.internet import reactor
+        reactor.callLater(0, self._dispatch, command, path, version)
+
+    def _dispatch(self, command: bytes, path: bytes, version: bytes) -> None:
+        if getattr(self, "channel", None) is None:
+            return  # the client left before we got to it
         super().requestReceived(command, path, version)
 
     def handleContentChunk(self, data: bytes) -> None:

@@ -11,11 +11,11 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from treq.client import HTTPClient
+from treq.testing import RequestTraversalAgent, _SynchronousProducer
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from twisted.web.server import Request
-from treq.client import HTTPClient
-from treq.testing import RequestTraversalAgent, _SynchronousProducer
 
 from regproxy.resource import RegistryProxy, Settings
 from regproxy.tap import RegistrySite
@@ -73,7 +73,7 @@ class FakeRegistry(Resource):
         request.setHeader(b"docker-distribution-api-version", b"registry/2.0")
         if path == "/v2/":
             return b"{}"
-        if path.endswith(f"/manifests/latest") or path.endswith(f"/manifests/{MANIFEST_DIGEST}"):
+        if path.endswith("/manifests/latest") or path.endswith(f"/manifests/{MANIFEST_DIGEST}"):
             request.setHeader(b"content-type", b"application/vnd.docker.distribution.manifest.v2+json")
             request.setHeader(b"docker-content-digest", MANIFEST_DIGEST.encode())
             request.setHeader(b"content-length", b"%d" % len(MANIFEST))
@@ -122,6 +122,6 @@ def make_proxy(registry: FakeRegistry, library_prefix: bool = True) -> tuple[HTT
     upstream = Upstream.configured("https://registry.example", library_prefix, upstream_agent, clock)
     proxy = RegistryProxy(upstream, clock, Settings(public_url=None))
     client_agent = RequestTraversalAgent(proxy)
-    site = RegistrySite(proxy)
+    site = RegistrySite(proxy, reactor=clock)
     client_agent._serverFactory = site  # serve through the proxy's own Site/Request classes
     return HTTPClient(client_agent, data_to_body_producer=_SynchronousProducer), client_agent, upstream_agent, clock

@@ -52,7 +52,7 @@ class FakeAgent:
 
 def channel_for(agent: FakeAgent, clock: Clock, max_upload: int = 0) -> tuple[Any, StringTransport]:
     upstream = Upstream.configured("http://registry.example", False, agent, clock)  # type: ignore[arg-type]
-    site = RegistrySite(RegistryProxy(upstream, clock))
+    site = RegistrySite(RegistryProxy(upstream, clock), reactor=clock)
     site.max_upload_size = max_upload
     channel = site.buildProtocol(None)
     down = StringTransport()
@@ -148,7 +148,8 @@ def test_upload_dispatched_before_body_and_streamed() -> None:
     agent, clock = FakeAgent(), Clock()
     channel, down = channel_for(agent, clock)
     channel.dataReceived(b"PATCH /v2/x/blobs/uploads/u1?_state=s HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n")
-    assert len(agent.bodies) == 1, "dispatched at end of headers"
+    clock.advance(0)
+    assert len(agent.bodies) == 1, "dispatched once the headers are in"
     body = agent.bodies[0]
     assert body is not None and body.length is UNKNOWN_LENGTH
     consumer = RecordingConsumer()
@@ -165,6 +166,7 @@ def test_upload_backpressure_pauses_client_socket() -> None:
     agent, clock = FakeAgent(), Clock()
     channel, down = channel_for(agent, clock)
     channel.dataReceived(b"PATCH /v2/x/blobs/uploads/u1 HTTP/1.1\r\nHost: p\r\nContent-Length: 10\r\n\r\n")
+    clock.advance(0)
     body = agent.bodies[0]
     assert body is not None and body.length == 10
     body.startProducing(RecordingConsumer())  # type: ignore[arg-type]
@@ -181,6 +183,7 @@ def test_upload_early_bytes_buffered_then_bounded() -> None:
     size = 3 << 20
     channel.dataReceived(b"PATCH /v2/x/blobs/uploads/u1 HTTP/1.1\r\nHost: p\r\nContent-Length: %d\r\n\r\n" % size)
     channel.dataReceived(b"a" * (1 << 20))
+    clock.advance(0)
     assert down.producerState == "paused"
     consumer = RecordingConsumer()
     agent.bodies[0].startProducing(consumer)  # type: ignore[union-attr]
@@ -192,11 +195,23 @@ def test_upload_over_limit_is_413_without_upstream() -> None:
     """A Content-Length above --max-upload-size is refused with 413 before anything is sent upstream."""
     agent, clock = FakeAgent(), Clock()
     channel, down = channel_for(agent, clock, max_upload=100)
-    channel.dataReceived(b"PATCH /v2/x/blobs/uploads/u1 HTTP/1.1\r\nHost: p\r\nContent-Length: 1000\r\n\r\n")
+    channel.dataReceived(b"PATCH /v2/x/blobs/uploads/u1 HTTP/1.1\r\nHost: p\r\nContent-Length: 1000\r\nExpect: 100-continue\r\n\r\n" + b"x" * 100)
+    clock.advance(0)
     assert agent.bodies == []
-    assert down.value().startswith(b"HTTP/1.1 413")
+    assert down.value().startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413")
     assert b"SIZE_INVALID" in down.value()
     assert b"connection: close" in down.value().lower()
+    assert down.disconnecting
+
+
+def test_bad_upload_name_answered_cleanly_with_body_in_flight() -> None:
+    """A malformed upload path with body bytes in the same packet gets its 400, no traceback."""
+    agent, clock = FakeAgent(), Clock()
+    channel, down = channel_for(agent, clock)
+    channel.dataReceived(b"PATCH /v2/BAD/blobs/uploads/u1 HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    clock.advance(0)
+    assert down.value().startswith(b"HTTP/1.1 400") and b"NAME_INVALID" in down.value()
+    assert down.disconnecting and agent.bodies == []
 
 
 def test_small_bodies_are_not_streamed() -> None:
