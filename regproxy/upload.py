@@ -14,7 +14,7 @@ from io import BytesIO
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
@@ -204,10 +204,11 @@ class StreamingRequest(Request):
         # before the channel's "100 Continue" and before it has dealt with the
         # rest of the bytes it is parsing. Body bytes arriving meanwhile are kept
         # (bounded) by the UploadBody.
-        reactor = getattr(getattr(channel, "site", None), "reactor", None)
-        if reactor is None:
-            from twisted.internet import reactor
-        reactor.callLater(0, self._dispatch, command, path, version)
+        clock: IReactorTime | None = getattr(getattr(channel, "site", None), "reactor", None)
+        if clock is None:
+            from twisted.internet import reactor as clock  # type: ignore[assignment]
+        assert clock is not None
+        clock.callLater(0, self._dispatch, command, path, version)
 
     def _dispatch(self, command: bytes, path: bytes, version: bytes) -> None:
         if getattr(self, "channel", None) is None:
