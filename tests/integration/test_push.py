@@ -531,6 +531,37 @@ def test_upstream_drops_mid_upload_content_length(tmp_path: Path) -> None:
         fake.close()
 
 
+def test_upstream_drop_mid_upload_is_502(tmp_path: Path) -> None:
+    """A client that can still read gets 502 UNAVAILABLE (upstream's fault), not 500 "internal proxy error"."""
+    fake = DroppingUpstream(keep=MIB)
+    fake.start()
+    try:
+        with ProxyProcess(tmp_path / "proxy", f"http://127.0.0.1:{fake.port}", ["--library-prefix"], tls=False) as px:
+            with socket.create_connection(("127.0.0.1", px.port), timeout=30) as sock:
+                sock.sendall(
+                    b"PATCH /v2/pushtest/dropped/blobs/uploads/abc?_state=x HTTP/1.1\r\n"
+                    + f"Host: {px.host}\r\nContent-Length: {16 * MIB}\r\n\r\n".encode()
+                )
+                sock.sendall(random_bytes("push-drop-502", 2 * MIB))  # then stop sending, and listen
+                answer = b""
+                while b"\r\n\r\n" not in answer or len(answer) < 2000:
+                    try:
+                        chunk = sock.recv(65536)
+                    except ConnectionResetError:
+                        break
+                    if not chunk:
+                        break
+                    answer += chunk
+            head, _, body = answer.partition(b"\r\n\r\n")
+            status_line = head.split(b"\r\n", 1)[0]
+            log_lines = [line for line in px.log_text().splitlines() if "PATCH" in line]
+            assert status_line, f"no answer at all; proxy log: {log_lines}"
+            assert status_line.split()[1] == b"502", (status_line, body[:300], log_lines)
+            assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+    finally:
+        fake.close()
+
+
 # -- a 1 GiB blob --------------------------------------------------------------------
 
 
