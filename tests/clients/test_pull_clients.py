@@ -343,6 +343,49 @@ def test_podman_pull_multiarch_via_tls_mirror(
     assert_no_proxy_errors(proxy_log)
 
 
+# -- plain listener vs https-first clients ----------------------------------------------------
+#
+# dockerd (insecure/loopback registries), skopeo and podman (``insecure = true``
+# mirrors) try https:// first and fall back to http:// when the TLS handshake
+# fails.  A registry on plain HTTP makes that fail at once (distribution answers
+# the ClientHello with "HTTP/1.1 400 Bad Request", so Go reports "server gave
+# HTTP response to HTTPS client"); a listener that stays silent costs every
+# such client its 10 s TLS handshake timeout per connection attempt.
+
+TLS_TIMEOUT = "TLS handshake timeout"
+
+
+def test_docker_https_probe_of_plain_listener_fails_fast(
+    docker_client: Dockerd, proxy: ProxyProcess, hub: Hub
+) -> None:
+    """dockerd's https:// probe of the proxy's plain-HTTP port fails at once (no 10 s TLS handshake timeout) before http://."""
+    d = docker_client
+    ref = f"{proxy.host}/alpine:3.21"
+    mark = d.log_mark()
+    t0 = time.monotonic()
+    d.pull(ref)
+    elapsed = time.monotonic() - t0
+    record_timing("docker pull host/alpine:3.21 (https probe + http)", elapsed)
+    assert d.repo_digests(ref) == [f"{proxy.host}/alpine@{hub.images['library/alpine:3.21'].digest}"]
+    probe = [line for line in d.log_text(mark).splitlines() if "Attempting next endpoint" in line]
+    assert not any(TLS_TIMEOUT in line for line in probe), "\n".join(probe)
+    assert elapsed < 5, f"docker pull took {elapsed:.1f}s"
+
+
+def test_skopeo_insecure_mirror_probe_fails_fast(proxy: ProxyProcess, hub: Hub, tmp_path: Path) -> None:
+    """skopeo's https:// ping of an `insecure = true` mirror on the plain port fails at once, then http:// serves the pull."""
+    conf = write_registries_conf(tmp_path / "registries.conf", "docker.io", proxy.host, insecure=True)
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    res = skopeo_copy("docker://docker.io/library/alpine:3.19", f"dir:{out}", registries_conf=conf)
+    elapsed = time.monotonic() - t0
+    record_timing("skopeo copy via insecure mirror (https probe + http)", elapsed)
+    assert sha256((out / "manifest.json").read_bytes()) == hub.images["library/alpine:3.19"].digest
+    slow = [line for line in res.stderr.splitlines() if TLS_TIMEOUT in line]
+    assert not slow, "\n".join(slow)
+    assert elapsed < 5, f"skopeo copy took {elapsed:.1f}s"
+
+
 # -- 7. 1 GiB through dockerd --------------------------------------------------------------
 
 
