@@ -322,6 +322,9 @@ def test_cross_repo_mount_from_short_name(proxy: ProxyProcess, hub: Hub) -> None
     )
     assert headers["Docker-Content-Digest"] == layer.digest
     check_location(proxy.url, headers["Location"], repo)
+    upstream_posts = [line for line in hub.registry_log().splitlines() if f'"POST /v2/{repo}/blobs/uploads/?' in line]
+    assert upstream_posts and all("from=library/alpine" in line for line in upstream_posts), upstream_posts
+    assert hub.blob_digest(repo, layer.digest) == layer.digest
 
 
 # -- auth ------------------------------------------------------------------------
