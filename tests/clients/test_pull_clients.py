@@ -162,6 +162,8 @@ def test_docker_private_pull_refused_then_login_and_pull(
     assert not d.has_image(ref)
     assert_no_proxy_errors(proxy_log)
     assert not served(proxy_log, "GET", "/v2/private/secret/manifests/")
+    refused = [e for e in proxy_log.access() if "/v2/private/secret/manifests/" in e["uri"]]
+    assert refused and all(e["status"] == "401" for e in refused), refused
 
     assert d.login(proxy.host, "alice", "wrong", check=False).returncode != 0
     d.login(proxy.host, "alice", hub.users["alice"])
@@ -205,8 +207,9 @@ def test_skopeo_copy_all_over_verified_tls(
 
 def test_skopeo_rejects_proxy_cert_without_ca(proxy: ProxyProcess, tmp_path: Path, proxy_log: ProxyLog) -> None:
     """With tls-verify and without the proxy's CA, skopeo refuses the TLS listener: the certificate really is checked."""
-    res = skopeo_copy(f"docker://{proxy.tls_host}/library/alpine:latest", f"dir:{tmp_path / 'out'}", check=False,
-                      timeout=60)
+    res = skopeo_copy(
+        f"docker://{proxy.tls_host}/library/alpine:latest", f"dir:{tmp_path / 'out'}", check=False, timeout=60
+    )
     assert res.returncode != 0
     assert "x509" in res.stderr or "certificate" in res.stderr, res.stderr
     assert not (tmp_path / "out" / "manifest.json").exists()
@@ -232,8 +235,7 @@ def test_skopeo_registries_conf_tls_mirror(
     """A verified-TLS registries.conf mirror (proxy CA via --src-cert-dir) serves docker.io/myorg/tool:1.0."""
     conf = write_registries_conf(tmp_path / "registries.conf", "docker.io", proxy.tls_host, insecure=False)
     out = tmp_path / "out"
-    res = skopeo_copy("docker://docker.io/myorg/tool:1.0", f"dir:{out}", registries_conf=conf,
-                      cert_dir=proxy_cert_dir)
+    res = skopeo_copy("docker://docker.io/myorg/tool:1.0", f"dir:{out}", registries_conf=conf, cert_dir=proxy_cert_dir)
     assert skopeo_accessed(res) == [f"{proxy.tls_host}/myorg/tool:1.0"], res.stderr[-3000:]
     assert sha256((out / "manifest.json").read_bytes()) == hub.images["myorg/tool:1.0"].digest
     assert_no_proxy_errors(proxy_log)
@@ -355,9 +357,7 @@ def test_podman_pull_multiarch_via_tls_mirror(
 TLS_TIMEOUT = "TLS handshake timeout"
 
 
-def test_docker_https_probe_of_plain_listener_fails_fast(
-    docker_client: Dockerd, proxy: ProxyProcess, hub: Hub
-) -> None:
+def test_docker_https_probe_of_plain_listener_fails_fast(docker_client: Dockerd, proxy: ProxyProcess, hub: Hub) -> None:
     """dockerd's https:// probe of the proxy's plain-HTTP port fails at once (no 10 s TLS handshake timeout) before http://."""
     d = docker_client
     ref = f"{proxy.host}/alpine:3.21"
@@ -430,8 +430,10 @@ def test_docker_pull_1gib_via_mirror_memory_flat(
         peak = sampler.stop()
     growth_mib = (peak - baseline) / 1024
     record_timing("docker pull big:latest 1 GiB (mirror)", elapsed)
-    print(f"[1gib] pull {elapsed:.1f}s, proxy RSS baseline {baseline / 1024:.1f} MiB, "
-          f"peak {peak / 1024:.1f} MiB, growth {growth_mib:.1f} MiB, {len(sampler.samples)} samples")
+    print(
+        f"[1gib] pull {elapsed:.1f}s, proxy RSS baseline {baseline / 1024:.1f} MiB, "
+        f"peak {peak / 1024:.1f} MiB, growth {growth_mib:.1f} MiB, {len(sampler.samples)} samples"
+    )
     assert d.repo_digests("big:latest") == [f"big@{big.digest}"]
     assert not d.fell_back_to_hub(since=mark)
     assert not d.attempted_next_endpoint(since=mark), d.log_text(mark)[-3000:]
