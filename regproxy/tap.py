@@ -8,8 +8,10 @@ from twisted.application.service import IService, MultiService
 from twisted.application.strports import service as endpoint_service
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.http import HTTPChannel
 from twisted.web.server import Site
 
+from .errors import error_body
 from .resource import RegistryProxy, Settings
 from .tls import policy_for
 from .upload import StreamingRequest
@@ -89,6 +91,32 @@ def parse_size(text: str | int) -> int:
     return number * _SIZE_UNITS[unit]
 
 
+class RegistryChannel(HTTPChannel):
+    """An HTTP/1.1 channel that turns away TLS spoken to a plain-HTTP port at once.
+
+    dockerd, skopeo and podman try C{https://} first on an insecure registry and
+    fall back to C{http://} only when that fails. A ClientHello sitting unanswered
+    in the line buffer costs them a 10 s handshake timeout per request; an
+    immediate plain-HTTP 400 makes them fall back straight away, as the
+    distribution registry does.
+    """
+
+    _first = True
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._first and data:
+            self._first = False
+            if data[0] == 0x16:  # TLS record type "handshake"
+                body = error_body("UNSUPPORTED", "this port speaks plain HTTP, not TLS")
+                self.transport.write(  # type: ignore[union-attr]
+                    b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+                self.transport.loseConnection()  # type: ignore[union-attr]
+                return
+        super().dataReceived(data)
+
+
 class RegistrySite(Site):
     """A Site that speaks HTTP/1.1 only and logs through the resource.
 
@@ -98,6 +126,7 @@ class RegistrySite(Site):
     """
 
     requestFactory = StreamingRequest
+    protocol = RegistryChannel  # type: ignore[assignment]  # HTTP/1.1 only: no _GenericHTTPChannelProtocol needed
     #: Read by L{StreamingRequest}: the largest upload body accepted, 0 for no limit.
     max_upload_size = 0
 

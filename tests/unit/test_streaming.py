@@ -222,3 +222,12 @@ def test_small_bodies_are_not_streamed() -> None:
     assert agent.bodies == []
     channel.dataReceived(b"{}")
     assert len(agent.bodies) == 1 and agent.bodies[0] is not None and agent.bodies[0].length == 2
+
+
+def test_tls_on_plain_port_answered_at_once() -> None:
+    """A TLS ClientHello on the plain-HTTP listener gets an immediate 400 and a close (clients fall back to http)."""
+    agent, clock = FakeAgent(), Clock()
+    channel, down = channel_for(agent, clock)
+    channel.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64 + b"\n" + b"\x00" * 64)
+    assert down.value().startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert down.disconnecting and agent.bodies == []
