@@ -581,7 +581,15 @@ class ProcSampler(threading.Thread):
         self.samples = 0
         self.biggest_file = 0
         self.biggest_file_name = ""
+        self._cpu_start = self._cpu()
+        self.cpu_seconds = 0.0
         self._stop_event = threading.Event()
+
+    def _cpu(self) -> float:
+        """User + system CPU seconds the proxy process has used so far."""
+        stat = Path(f"/proc/{self.pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def _files(self) -> None:
         fd_dir = f"/proc/{self.pid}/fd"
@@ -612,6 +620,7 @@ class ProcSampler(threading.Thread):
     def stop(self) -> int:
         self._stop_event.set()
         self.join()
+        self.cpu_seconds = self._cpu() - self._cpu_start
         return self.peak
 
 
@@ -679,7 +688,7 @@ def test_1gib_chunked_push_streams(proxy: ProxyProcess, hub: Hub) -> None:
         f"\n1 GiB chunked blob push: via proxy {via_proxy:.1f} s ({GIB / MIB / via_proxy:.0f} MiB/s), "
         f"direct to upstream {direct:.1f} s ({GIB / MIB / direct:.0f} MiB/s); proxy RSS baseline "
         f"{sampler.baseline / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB, growth {growth_mib:.1f} MiB; "
-        f"largest file the proxy held open: {sampler.biggest_file} bytes {sampler.biggest_file_name!r}"
+        f"proxy CPU {sampler.cpu_seconds:.1f} s; largest file the proxy held open: {sampler.biggest_file} bytes {sampler.biggest_file_name!r}"
     )
     assert growth_mib < 100
     assert sampler.biggest_file < 8 * MIB, f"proxy spooled the upload to {sampler.biggest_file_name}"
