@@ -501,8 +501,8 @@ class Dockerd(_Daemon):
         return bool(self._FALLBACK.search(self.log_text(since)))
 
     def _fallback_lines(self, since: int) -> str:
-        return "\n".join(l for l in self.log_text(since).splitlines()
-                         if self._FALLBACK.search(l) or self._HUB.search(l))
+        return "\n".join(line for line in self.log_text(since).splitlines()
+                         if self._FALLBACK.search(line) or self._HUB.search(line))
 
 
 # --------------------------------------------------------------------------
@@ -623,7 +623,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     def snapshots(self) -> list[str]:
         out = self.ctr("snapshots", "--snapshotter", self.snapshotter, "ls", isolate=False,
                        timeout=60).stdout.splitlines()
-        return [l.split()[0] for l in out[1:] if l.strip()]
+        return [line.split()[0] for line in out[1:] if line.strip()]
 
 
 def write_hosts_toml(dir: str | os.PathLike, registry_host: str, mirror_url: str,
