@@ -19,6 +19,7 @@ from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web._newclient import RequestGenerationFailed, RequestTransmissionFailed
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http import NO_BODY_CODES
 from twisted.web.http_headers import Headers
@@ -397,7 +398,9 @@ def _as_registry_error(failure: Failure) -> errors.RegistryError:
         return failure.value  # type: ignore[return-value]
     if failure.check(TimeoutError, ConnectTimeout, BodyIdleTimeout):
         return errors.RegistryError(504, "UNAVAILABLE", "upstream registry timed out")
-    if failure.check(ConnectError, DNSLookupError, ResponseNeverReceived, ResponseFailed):
+    if failure.check(
+        ConnectError, DNSLookupError, ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed, RequestGenerationFailed
+    ):
         return errors.RegistryError(
             502, "UNAVAILABLE", f"upstream registry unreachable: {_reason(failure)}"
         )

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.application.service import IService, MultiService
-from twisted.application.strports import service as endpoint_service
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http import HTTPChannel
@@ -16,6 +16,7 @@ from .resource import RegistryProxy, Settings
 from .tls import policy_for
 from .upload import StreamingRequest
 from .upstream import Upstream
+from .workers import Listener, WorkerSupervisor, enable_reuse_port
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
 
@@ -37,6 +38,10 @@ class Options(usage.Options):
         ["idle-timeout", None, 120.0, "Seconds an upstream body may stay silent.", float],
         ["max-redirects", None, 5, "Upstream redirects followed per request.", int],
         ["max-upload-size", None, "0", "Largest blob upload request body, e.g. 20G (0: no limit)."],
+        ["workers", None, 1, "Processes sharing the listening ports (one per core is a good start).", int],
+    ]
+    optFlags: list[Any] = [
+        ["worker", None, "(internal) run as an extra process of a --workers proxy"],
     ]
 
     def __init__(self) -> None:
@@ -68,6 +73,8 @@ class Options(usage.Options):
             raise usage.UsageError(f"--upstream must be an http(s) URL: {self['upstream']!r}")
         if self["public-url"] and not self["public-url"].startswith(("http://", "https://")):
             raise usage.UsageError("--public-url must be an http(s) URL")
+        if self["workers"] < 1:
+            raise usage.UsageError("--workers must be at least 1")
         try:
             self["max-upload-size"] = parse_size(self["max-upload-size"])
         except ValueError:
@@ -179,6 +186,28 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     site.max_upload_size = options["max-upload-size"]
     site.displayTracebacks = False
     parent = MultiService()
-    for description in options["listen"]:
-        endpoint_service(description, site, reactor=reactor).setServiceParent(parent)
+    if options["workers"] > 1 or options["worker"]:
+        enable_reuse_port()
+    listeners = [Listener(reactor, description, site) for description in options["listen"]]
+    for listener in listeners:
+        listener.setServiceParent(parent)
+    if options["workers"] > 1 and not options["worker"]:
+        WorkerSupervisor(reactor, listeners, options["workers"], lambda listen: worker_args(options, listen)).setServiceParent(parent)
     return parent
+
+
+def worker_args(options: Options, listen: list[str]) -> list[str]:
+    """The command line of an extra worker: this process's configuration, bound ports."""
+    args: list[str] = []
+    for description in listen:
+        args += ["--listen", description]
+    args += ["--upstream", options["upstream"]]
+    for path in options["upstream-ca"]:
+        args += ["--upstream-ca", os.path.abspath(path)]
+    if options["public-url"]:
+        args += ["--public-url", options["public-url"]]
+    if options["library-prefix"] is not None:
+        args.append("--library-prefix" if options["library-prefix"] else "--no-library-prefix")
+    for name in ("connect-timeout", "response-timeout", "idle-timeout", "max-redirects", "max-upload-size"):
+        args += [f"--{name}", str(options[name])]
+    return args + ["--worker"]

@@ -9,13 +9,13 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceMaker, MultiService
 from twisted.internet.testing import MemoryReactor
 from twisted.plugin import getPlugins
 from twisted.python.usage import UsageError
 
-from regproxy.tap import Options, makeService, parse_size
+from regproxy.tap import Options, makeService, parse_size, worker_args
+from regproxy.workers import Listener, WorkerSupervisor, with_port
 
 
 def parse(*args: str) -> Options:
@@ -54,7 +54,27 @@ def test_acceptance_command_line_spellings(tmp_path: Path) -> None:
     service = makeService(options, MemoryReactor())
     assert isinstance(service, MultiService)
     children = list(service)
-    assert len(children) == 2 and all(isinstance(c, StreamServerEndpointService) for c in children)
+    assert len(children) == 2 and all(isinstance(c, Listener) for c in children)
+
+
+def test_workers_share_bound_ports() -> None:
+    """--workers N adds a supervisor whose workers get this process's configuration and bound ports."""
+    options = parse("--listen", "tcp:0:interface=127.0.0.1", "--upstream", "http://127.0.0.1:1", "--workers", "2",
+                    "--no-library-prefix", "--max-upload-size", "1M")
+    service = makeService(options, MemoryReactor())
+    assert any(isinstance(c, WorkerSupervisor) for c in service)
+    args = worker_args(options, ["tcp:4321:interface=127.0.0.1"])
+    assert args[:2] == ["--listen", "tcp:4321:interface=127.0.0.1"] and args[-1] == "--worker"
+    assert "--no-library-prefix" in args and args[args.index("--max-upload-size") + 1] == str(1 << 20)
+    reparsed = parse(*args)
+    assert reparsed["worker"] and reparsed["upstream"] == "http://127.0.0.1:1"
+
+
+def test_with_port() -> None:
+    """Workers bind the port the first process got, whatever the description's form."""
+    assert with_port("tcp:0:interface=127.0.0.1", 5000) == "tcp:5000:interface=127.0.0.1"
+    assert with_port("ssl:0:privateKey=k.pem:certKey=c.pem", 443) == "ssl:443:privateKey=k.pem:certKey=c.pem"
+    assert with_port("tcp:interface=::1:port=0", 7) == "tcp:interface=::1:port=7"
 
 
 def test_no_library_prefix_flag() -> None:
