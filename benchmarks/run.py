@@ -19,8 +19,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -201,21 +202,21 @@ class Bench:
         t0 = time.monotonic()
         self.log("correctness (ranges, digests)")
         for p in self.peers:
-            self.record(p, "check", lambda: measure.correctness(p, big, med, self.manifest), None)
+            self.record(p, "check", lambda p=p: measure.correctness(p, big, med, self.manifest), None)
         for rep in range(a.reps):
             self.loadavg.append(os.getloadavg()[0])
             self.log(f"repetition {rep + 1}/{a.reps} (load average {self.loadavg[-1]:.2f})")
             for p in self.peers:
-                self.record(p, "single", lambda: measure.single_stream(p, big), big.digest)
+                self.record(p, "single", lambda p=p: measure.single_stream(p, big), big.digest)
             for n in a.parallel:
                 for p in self.peers:
-                    self.record(p, f"par{n}", lambda: measure.parallel(p, med, n), med.digest)
+                    self.record(p, f"par{n}", lambda p=p, n=n: measure.parallel(p, med, n), med.digest)
             for p in self.peers:
-                self.record(p, "wrk", lambda: measure.manifest_wrk(p, a.wrk_seconds, a.wrk_conns),
+                self.record(p, "wrk", lambda p=p: measure.manifest_wrk(p, a.wrk_seconds, a.wrk_conns),
                             None)
         self.log(f"RSS growth with a {a.rss_rate}/s client (once per peer)")
         for p in self.peers:
-            self.record(p, "rss", lambda: measure.rss_growth(p, big, a.rss_rate, a.rss_seconds),
+            self.record(p, "rss", lambda p=p: measure.rss_growth(p, big, a.rss_rate, a.rss_seconds),
                         big.digest)
         return {
             "started": self.started, "seconds": time.monotonic() - t0,
