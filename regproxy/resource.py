@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, unquote
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -71,7 +71,6 @@ class Settings:
 
     public_url: str | None = None
     idle_timeout: float = 120.0
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 class RegistryProxy(Resource):
@@ -123,7 +122,14 @@ class RegistryProxy(Resource):
             request.loseConnection()
             return
         error = _as_registry_error(failure)
-        if error.status >= 500 and not failure.check(errors.RegistryError):
+        if error.code == "UNKNOWN":
+            self.log.failure(
+                "{method} {uri}: unexpected error",
+                failure,
+                method=request.method.decode(),
+                uri=request.uri.decode("latin-1"),
+            )
+        elif error.status >= 500 and not failure.check(errors.RegistryError):
             self.log.warn(
                 "{method} {uri}: {status} {error}",
                 method=request.method.decode(),
@@ -131,15 +137,13 @@ class RegistryProxy(Resource):
                 status=error.status,
                 error=failure.getErrorMessage(),
             )
-        elif not failure.check(errors.RegistryError):
-            self.log.failure("unexpected error", failure)
         exchange.note = error.code
         errors.write_error(request, error)
 
     def _access_log(self, result: object, request: Request, exchange: Exchange, started: float) -> None:
         self.log.info(
             '{client} "{method} {uri}" {status} {bytes} {duration:.3f}s upstream={upstream}{note}',
-            client=request.getClientAddress().host if hasattr(request.getClientAddress(), "host") else "-",
+            client=getattr(request.getClientAddress(), "host", "-"),
             method=request.method.decode("latin-1"),
             uri=request.uri.decode("latin-1"),
             status=request.code,
@@ -203,9 +207,7 @@ class RegistryProxy(Resource):
 
     # registry API
 
-    async def _registry(
-        self, request: Request, route: routes.Route, query: bytes, exchange: Exchange
-    ) -> None:
+    async def _registry(self, request: Request, route: routes.Route, query: bytes, exchange: Exchange) -> None:
         upstream = self._upstream
         names: dict[str, str] = {}
         up_name: str | None = None
@@ -219,9 +221,7 @@ class RegistryProxy(Resource):
         headers = upstream_request_headers(request.requestHeaders)
         body = self._body(request)
         streamed = body is not None and body is getattr(request, "upload", None)
-        response, _ = await upstream.fetch(
-            request.method, url, headers, body, timeout=0 if streamed else None
-        )
+        response, _ = await upstream.fetch(request.method, url, headers, body, timeout=0 if streamed else None)
         exchange.upstream_status = response.code
         if streamed and body.error is not None:  # type: ignore[union-attr]
             # The upload broke off on our side (size limit): whatever the
@@ -236,9 +236,7 @@ class RegistryProxy(Resource):
             return
         for key, value in parse_qsl(query.decode("latin-1")):
             if key == "ns" and value.lower() not in self._upstream.namespaces:
-                raise errors.RegistryError(
-                    404, "NAME_UNKNOWN", f"this proxy does not mirror the registry {value!r}"
-                )
+                raise errors.RegistryError(404, "NAME_UNKNOWN", f"this proxy does not mirror the registry {value!r}")
 
     def _body(self, request: Request) -> IBodyProducer | None:
         if request.method not in _BODY_METHODS:
@@ -280,10 +278,14 @@ class RegistryProxy(Resource):
 
         locations = headers.getRawHeaders(b"location")
         if locations:
-            headers.setRawHeaders(b"location", [url_to_client(v.decode("latin-1")).encode("latin-1") for v in locations])
+            headers.setRawHeaders(
+                b"location", [url_to_client(v.decode("latin-1")).encode("latin-1") for v in locations]
+            )
         links = headers.getRawHeaders(b"link")
         if links:
-            headers.setRawHeaders(b"link", [rewrite_link(v.decode("latin-1"), url_to_client).encode("latin-1") for v in links])
+            headers.setRawHeaders(
+                b"link", [rewrite_link(v.decode("latin-1"), url_to_client).encode("latin-1") for v in links]
+            )
         await self._stream(request, response, headers)
 
     async def _stream(self, request: Request, response: IResponse, headers: Headers) -> None:
@@ -346,7 +348,7 @@ class RegistryProxy(Resource):
             f"<p>Docker: put this in <code>/etc/docker/daemon.json</code> and restart dockerd:</p>"
             f"<pre>{snippet}</pre>"
             f"<p>Or pull directly: <code>docker pull {host}/library/alpine:latest</code></p>"
-            f"<p>containerd (<code>hosts.toml</code>): <code>[host.\"{base}\"] capabilities = [\"pull\", \"resolve\"]</code></p>"
+            f'<p>containerd (<code>hosts.toml</code>): <code>[host."{base}"] capabilities = ["pull", "resolve"]</code></p>'
             "<p>Health: <a href='/healthz'>/healthz</a></p></body></html>\n"
         ).encode()
 
@@ -399,15 +401,17 @@ def _as_registry_error(failure: Failure) -> errors.RegistryError:
     if failure.check(TimeoutError, ConnectTimeout, BodyIdleTimeout):
         return errors.RegistryError(504, "UNAVAILABLE", "upstream registry timed out")
     if failure.check(
-        ConnectError, DNSLookupError, ResponseNeverReceived, ResponseFailed, RequestTransmissionFailed, RequestGenerationFailed
+        ConnectError,
+        DNSLookupError,
+        ResponseNeverReceived,
+        ResponseFailed,
+        RequestTransmissionFailed,
+        RequestGenerationFailed,
     ):
-        return errors.RegistryError(
-            502, "UNAVAILABLE", f"upstream registry unreachable: {_reason(failure)}"
-        )
+        return errors.RegistryError(502, "UNAVAILABLE", f"upstream registry unreachable: {_reason(failure)}")
     return errors.RegistryError(500, "UNKNOWN", "internal proxy error")
 
 
 def _reason(failure: Failure) -> str:
     reasons: list[Failure] = getattr(failure.value, "reasons", []) or [failure]
     return "; ".join(r.getErrorMessage() for r in reasons)[:300]
-

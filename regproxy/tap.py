@@ -192,7 +192,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     for listener in listeners:
         listener.setServiceParent(parent)
     if options["workers"] > 1 and not options["worker"]:
-        WorkerSupervisor(reactor, listeners, options["workers"], lambda listen: worker_args(options, listen)).setServiceParent(parent)
+        WorkerSupervisor(
+            reactor, listeners, options["workers"], lambda listen: worker_args(options, listen)
+        ).setServiceParent(parent)
     return parent
 
 

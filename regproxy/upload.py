@@ -188,12 +188,7 @@ class StreamingRequest(Request):
         command = getattr(channel, "_command", None)
         path = getattr(channel, "_path", None)
         version = getattr(channel, "_version", None)
-        if (
-            command is None
-            or path is None
-            or length == 0
-            or not is_blob_upload(command, path)
-        ):
+        if command is None or path is None or length == 0 or not is_blob_upload(command, path):
             super().gotLength(length)
             return
         limit = getattr(getattr(channel, "site", None), "max_upload_size", 0)

@@ -157,9 +157,7 @@ class Upstream:
             discard(response)
             target = urljoin(url, location[0].decode("latin-1"))
             if origin(target) is None:
-                raise errors.RegistryError(
-                    502, "UNAVAILABLE", "upstream redirected to a non-HTTP(S) location"
-                )
+                raise errors.RegistryError(502, "UNAVAILABLE", "upstream redirected to a non-HTTP(S) location")
             if origin(target) != origin(url):
                 headers = without_credentials(headers)
             self.log.debug("following {code} to {target}", code=response.code, target=target)

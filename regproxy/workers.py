@@ -106,7 +106,9 @@ class WorkerSupervisor(Service):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, listeners: Sequence[Listener], count: int, child_args: Callable[[list[str]], list[str]]) -> None:
+    def __init__(
+        self, reactor: Any, listeners: Sequence[Listener], count: int, child_args: Callable[[list[str]], list[str]]
+    ) -> None:
         self._reactor = reactor
         self._listeners = listeners
         self._count = count
@@ -161,4 +163,3 @@ def _twist_options(argv: list[str]) -> list[str]:
     if "regproxy" in argv:
         return argv[1 : argv.index("regproxy")]
     return []
-
