@@ -207,8 +207,8 @@ class Registry:
 
 NGINX_CONFIG = """\
 worker_processes 2;
-pid {d}/nginx.pid;
-error_log {d}/nginx-error.log warn;
+pid {d}/{name}.pid;
+error_log {d}/{name}-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
     access_log off;
@@ -237,7 +237,7 @@ http {{
 class Nginx:
     """nginx as a plain streaming reverse proxy: the baseline to beat."""
 
-    def __init__(self, rundir: Path, upstream_hostport: str, buffer: str = "") -> None:
+    def __init__(self, rundir: Path, upstream_hostport: str, buffer: str = "", name: str = "nginx") -> None:
         """buffer: proxy_buffer_size (with proxy_buffering off, the size of each
         read/write); empty keeps nginx's default of one page."""
         self.port = free_port()
@@ -245,11 +245,11 @@ class Nginx:
                    f"            proxy_busy_buffers_size {buffer};\n") if buffer else ""
         self.url = f"http://127.0.0.1:{self.port}"
         (rundir / "nginx-tmp").mkdir(exist_ok=True)
-        conf = rundir / "nginx.conf"
+        conf = rundir / f"{name}.conf"
         conf.write_text(NGINX_CONFIG.format(d=rundir, upstream=upstream_hostport, port=self.port,
-                                             buffers=buffers))
-        self.proc = Proc("nginx", ["nginx", "-p", str(rundir), "-c", str(conf),
-                                   "-g", "daemon off;"], rundir / "nginx.log")
+                                             buffers=buffers, name=name))
+        self.proc = Proc(name, ["nginx", "-p", str(rundir), "-c", str(conf),
+                                "-g", "daemon off;"], rundir / f"{name}.log")
 
     def start(self) -> str | None:
         self.proc.start()
@@ -269,17 +269,18 @@ def make_cert(rundir: Path) -> tuple[Path, Path]:
 class RegProxy:
     """The proxy under test, run from the work tree so its twisted plugin is found."""
 
-    def __init__(self, rundir: Path, upstream_url: str, python: str) -> None:
+    def __init__(self, rundir: Path, upstream_url: str, python: str, extra: tuple[str, ...] = (),
+                 name: str = "regproxy") -> None:
         self.port, self.tls_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tls_url = f"https://127.0.0.1:{self.tls_port}"
         key, cert = make_cert(rundir)
-        self.proc = Proc("regproxy", [
-            python, "-m", "twisted", "regproxy",
+        self.proc = Proc(name, [
+            python, "-m", "twisted", "regproxy", *extra,
             "--listen", f"tcp:{self.port}:interface=127.0.0.1",
             "--listen", f"ssl:{self.tls_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
             "--upstream", upstream_url, "--no-library-prefix"],
-            rundir / "regproxy.log", cwd=REPO_ROOT)
+            rundir / f"{name}.log", cwd=REPO_ROOT)
 
     def start(self) -> str | None:
         self.proc.start()

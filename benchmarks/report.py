@@ -39,6 +39,26 @@ TARGETS = [  # (label, test, key, factor, vs, higher_is_better)
 ]
 
 
+def _targets(med: dict[str, dict[str, Any]], live: list[str], cand: str, base: str) -> list[str]:
+    """The issue-4 targets for one regproxy column against one nginx column."""
+    rp, ng = med.get(cand), med.get(base)
+    if cand not in live or base not in live or rp is None or ng is None:
+        return []
+    lines = ["", f"{cand} against the issue-4 targets, baseline {base} (informational, not assertions):", "",
+             f"| target | {cand} | {base} | ratio | met |", "|---|---|---|---|---|"]
+    for label, test, key, factor, _vs, higher in TARGETS:
+        a, b = rp.get(f"{test}.{key}"), ng.get(f"{test}.{key}")
+        if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or not b:
+            lines.append(f"| {label} | — | — | — | — |")
+            continue
+        met = a >= factor * b if higher else a <= factor * b
+        lines.append(f"| {label} | {a:.2f} | {b:.2f} | {a / b:.2f} | {'yes' if met else 'no'} |")
+    g = rp.get("rss.peak_growth_mib")
+    if isinstance(g, (int, float)):
+        lines.append(f"| RSS growth <= 16 MiB | {g:.1f} MiB | — | — | {'yes' if g <= 16 else 'no'} |")
+    return lines
+
+
 def medians(samples: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
     """peer -> "test.key" -> median over repetitions (numbers only)."""
     out: dict[str, dict[str, Any]] = {}
@@ -112,20 +132,9 @@ def markdown(result: dict[str, Any]) -> str:
     for p, why in unavailable.items():
         lines += ["", f"**{p}: not available** — {why}"]
     rp = med.get("regproxy")
-    if "regproxy" in live and rp is not None and "nginx" in med:
-        lines += ["", "regproxy against the issue-4 targets (informational, not assertions):", "",
-                  "| target | regproxy | nginx | ratio | met |", "|---|---|---|---|---|"]
-        for label, test, key, factor, vs, higher in TARGETS:
-            a, b = rp.get(f"{test}.{key}"), med[vs].get(f"{test}.{key}")
-            if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or not b:
-                lines.append(f"| {label} | — | — | — | — |")
-                continue
-            met = a >= factor * b if higher else a <= factor * b
-            lines.append(f"| {label} | {a:.2f} | {b:.2f} | {a / b:.2f} | {'yes' if met else 'no'} |")
-        g = rp.get("rss.peak_growth_mib")
-        if isinstance(g, (int, float)):
-            lines.append(f"| RSS growth <= 16 MiB | {g:.1f} MiB | — | — | "
-                         f"{'yes' if g <= 16 else 'no'} |")
+    for cand in ("regproxy", "regproxy (2 workers)"):
+        for base in ("nginx", "nginx (64k)"):
+            lines += _targets(med, live, cand, base)
     tls = med.get("regproxy (TLS)")
     if rp is not None and tls is not None and "regproxy (TLS)" in live:
         lines += ["", "regproxy TLS listener / plain TCP: " + ", ".join(

@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rss-seconds", type=float,
                    help="cut the RSS download after N s (default 0 = whole blob, ~54 s "
                         "per peer; quick 5)")
-    p.add_argument("--peers", default="direct,nginx,dist-cold,dist-warm,regproxy,regproxy-tls",
+    p.add_argument("--peers", default="direct,nginx,nginx-64k,dist-cold,dist-warm,regproxy,regproxy-tls,"
+                   "regproxy-2w",
                    help="comma-separated subset of the default list")
     p.add_argument("--nginx-buffer", default="",
                    help="nginx proxy_buffer_size, e.g. 64k (default: nginx's own, one page)")
@@ -126,6 +127,12 @@ class Bench:
             ng = Nginx(self.rundir, f"127.0.0.1:{up.port}", a.nginx_buffer)
             self._launch(ng.proc, ng.start)
             self.peers.append(Peer("nginx", ng.url, lambda: process_tree(ng.proc.pid)))
+        if "nginx-64k" in wanted:
+            # proxy_buffering off makes stock nginx move one page per read/write;
+            # 64k buffers are what a tuned deployment (and the figures) use.
+            tuned = Nginx(self.rundir, f"127.0.0.1:{up.port}", "64k", name="nginx-64k")
+            self._launch(tuned.proc, tuned.start)
+            self.peers.append(Peer("nginx (64k)", tuned.url, lambda: process_tree(tuned.proc.pid)))
         if wanted & {"dist-cold", "dist-warm"}:
             self._add_distribution(wanted)
         if wanted & {"regproxy", "regproxy-tls"}:
@@ -176,6 +183,13 @@ class Bench:
             self.peers.append(Peer("regproxy", rp.url, pids, unavailable=err))
         if "regproxy-tls" in wanted:
             self.peers.append(Peer("regproxy (TLS)", rp.tls_url, pids, unavailable=err))
+        if "regproxy-2w" in wanted:
+            rp2 = RegProxy(self.rundir, self.upstream.url, self.args.python, ("--workers", "2"), "regproxy-2w")
+            err2 = self._launch(rp2.proc, rp2.start)
+            if err2:
+                rp2.proc.stop()
+            self.peers.append(Peer("regproxy (2 workers)", rp2.url, lambda: process_tree(rp2.proc.pid),
+                                   unavailable=err2))
 
     def record(self, peer: Peer, test: str, fn: Callable[[], dict[str, Any]],
                digest: str | None) -> None:
