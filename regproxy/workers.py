@@ -19,6 +19,7 @@ from twisted.application.service import Service
 from twisted.internet import tcp
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import Logger
@@ -94,11 +95,15 @@ class Listener(Service):
 
 
 class _Worker(ProcessProtocol):
-    def __init__(self, ended: Callable[[_Worker, Failure], None]) -> None:
-        self._ended = ended
+    """One extra worker process; C{exited} fires when it ends."""
+
+    def __init__(self) -> None:
+        self.exited: Deferred[None] = Deferred()
+        self.reason: Failure | None = None
 
     def processEnded(self, reason: Failure) -> None:  # type: ignore[override]
-        self._ended(self, reason)
+        self.reason = reason  # a Failure handed to callback() would count as an error
+        self.exited.callback(None)
 
 
 class WorkerSupervisor(Service):
@@ -126,36 +131,33 @@ class WorkerSupervisor(Service):
         return [sys.executable, "-m", "twisted", *twist_args, "regproxy", *self._child_args(listen)]
 
     def _spawn(self) -> None:
-        worker = _Worker(self._ended)
+        if not self.running:
+            return
+        worker = _Worker()
         argv = self._argv()
         transport = self._reactor.spawnProcess(
             worker, argv[0], argv, env=dict(os.environ), path=os.getcwd(), childFDs={0: "w", 1: 1, 2: 2}
         )
         self._workers[worker] = transport
+        worker.exited.addCallback(self._ended, worker)
         self.log.info("started worker process {pid}", pid=transport.pid)
 
-    def _ended(self, worker: _Worker, reason: Failure) -> None:
+    def _ended(self, _: None, worker: _Worker) -> None:
         self._workers.pop(worker, None)
         if self.running:
-            self.log.warn("worker process ended ({why}); starting another", why=reason.getErrorMessage())
-            self._reactor.callLater(1.0, self._restart)
-
-    def _restart(self) -> None:
-        if self.running:
-            self._spawn()
+            why = worker.reason.getErrorMessage() if worker.reason else "?"
+            self.log.warn("worker process ended ({why}); starting another", why=why)
+            self._reactor.callLater(1.0, self._spawn)
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
-        waiting = []
-        for worker, transport in list(self._workers.items()):
-            done: Deferred[None] = Deferred()
-            worker._ended = lambda _w, _r, done=done: done.callback(None)  # type: ignore[misc]
+        for transport in self._workers.values():
             try:
                 transport.signalProcess("TERM")
-            except Exception:  # already gone
-                done.callback(None)
-            waiting.append(done)
-        return gatherResults(waiting).addCallback(lambda _: None) if waiting else None
+            except ProcessExitedAlready:
+                pass
+        exits = [worker.exited for worker in self._workers]
+        return gatherResults(exits).addCallback(lambda _: None) if exits else None
 
 
 def _twist_options(argv: list[str]) -> list[str]:

@@ -210,3 +210,34 @@ def test_access_log_line(proxy: ProxyProcess) -> None:
     lines = [line for line in proxy.log_text().splitlines() if "marker=accesslog" in line]
     assert len(lines) == 1
     assert '"GET /v2/?marker=accesslog" 401' in lines[0] and "upstream=401" in lines[0]
+
+
+def _children(pid: int) -> list[int]:
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in children.read_text().split()] if children.exists() else []
+
+
+def test_workers_share_ports_and_stop_together(hub: Hub, tmp_path: Path) -> None:
+    """--workers 2: a second process serves the same TCP and TLS ports, and goes away with the first."""
+    import time
+
+    with ProxyProcess(tmp_path, hub.registry_url, ["--upstream-ca", str(hub.ca_pem), "--library-prefix", "--workers", "2"]) as p:
+        assert p.process is not None
+        deadline = time.monotonic() + 20
+        while not _children(p.process.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (child,) = _children(p.process.pid)
+        image = hub.images["library/alpine:latest"]
+        auth = pull_token(p, hub, "alpine")
+        for _ in range(20):  # new connections are spread over both processes
+            assert request("GET", f"{p.url}/v2/alpine/manifests/latest", {"Accept": ALL_MANIFEST_TYPES, **auth}).body == image.manifest
+            assert request("HEAD", f"{p.tls_url}/v2/alpine/manifests/latest", {"Accept": ALL_MANIFEST_TYPES, **auth}, ca=p.ca_pem).status == 200
+        import subprocess
+
+        for port in (p.port, p.tls_port):
+            listening = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True).stdout
+            assert f"pid={p.process.pid}," in listening and f"pid={child}," in listening, listening
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{child}").exists(), "the worker outlived the first process"
