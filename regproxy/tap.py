@@ -16,7 +16,7 @@ from .errors import error_body
 from .resource import RegistryProxy, Settings
 from .tls import policy_for
 from .upload import StreamingRequest
-from .upstream import Upstream
+from .upstream import OriginEndpoints, Upstream
 from .workers import Listener, WorkerSupervisor, enable_reuse_port
 
 DEFAULT_UPSTREAM = "https://registry-1.docker.io"
@@ -174,13 +174,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     pool.maxPersistentPerHost = 32
     pool.cachedConnectionTimeout = 60
 
+    endpoints = OriginEndpoints(reactor, options["tls-policy"], options["connect-timeout"])
+
     def agent(pool: HTTPConnectionPool) -> Agent:
-        return Agent(
-            reactor,
-            contextFactory=options["tls-policy"],
-            connectTimeout=options["connect-timeout"],
-            pool=pool,
-        )
+        made: Agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+        return made
 
     upstream = Upstream.configured(
         options["upstream"],

@@ -9,14 +9,19 @@ here, and credentials never travel to a host other than the registry.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.web.client import URI
+from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IResponse
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS, IResponse
+from zope.interface import implementer
 
 from . import errors
 from .auth import parse_challenge
@@ -35,6 +40,39 @@ class _Discard(Protocol):
 
 def discard(response: IResponse) -> None:
     response.deliverBody(_Discard())
+
+
+@implementer(IAgentEndpointFactory)
+class OriginEndpoints:
+    """Endpoints for the Agent, built once per origin instead of once per request.
+
+    Building an endpoint (host name checks, TLS connection creator) showed up as
+    about 6% of the CPU of a proxied manifest request. The origins are few (the
+    upstream, its token realm, its CDN), and the cache is bounded anyway.
+    """
+
+    _MAX = 256
+
+    def __init__(self, reactor: Any, policy: IPolicyForHTTPS, connect_timeout: float) -> None:
+        self._reactor = reactor
+        self._policy = policy
+        self._timeout = connect_timeout
+        self._cache: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._cache.get(key)
+        if endpoint is None:
+            if len(self._cache) >= self._MAX:
+                self._cache.clear()
+            host = uri.host.decode("ascii")
+            endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+            if uri.scheme == b"https":
+                endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
+            elif uri.scheme != b"http":
+                raise SchemeNotSupported(f"unsupported scheme {uri.scheme!r}")
+            self._cache[key] = endpoint
+        return endpoint
 
 
 @dataclass
