@@ -15,7 +15,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IConsumer, IReactorTime
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from twisted.web.server import Request
@@ -73,8 +72,6 @@ class UploadBody:
     @ivar error: why the body cannot be used (too large, client gone), if so.
     """
 
-    log = Logger()
-
     def __init__(self, request: Request, length: int | None, limit: int) -> None:
         self._request = request
         self.length: Any = UNKNOWN_LENGTH if length is None else length
@@ -110,7 +107,9 @@ class UploadBody:
 
     def end(self) -> None:
         self.complete = True
-        self._early_done()
+        if self._done is not None and not self._done.called:
+            done, self._done = self._done, None
+            done.callback(None)
 
     def client_lost(self, reason: Failure) -> None:
         if not self.complete:
@@ -123,11 +122,6 @@ class UploadBody:
         if self._done is not None and not self._done.called:
             done, self._done = self._done, None
             done.errback(error)
-
-    def _early_done(self) -> None:
-        if self._consumer is not None and self._done is not None and not self._done.called:
-            done, self._done = self._done, None
-            done.callback(None)
 
     # IBodyProducer, driven by the upstream connection
 
@@ -153,7 +147,9 @@ class UploadBody:
     def stopProducing(self) -> None:
         # The upstream answered before taking the whole body, or went away: the
         # rest of the body has nowhere to go and the connection can't be reused.
+        # IBodyProducer: the startProducing Deferred must then never fire.
         self._stopped = True
+        self._done = None
         self._resume_client()
 
     def _pause_client(self) -> None:

@@ -231,3 +231,19 @@ def test_tls_on_plain_port_answered_at_once() -> None:
     channel.dataReceived(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64 + b"\n" + b"\x00" * 64)
     assert down.value().startswith(b"HTTP/1.1 400 Bad Request\r\n")
     assert down.disconnecting and agent.bodies == []
+
+
+def test_upload_stopped_by_upstream_discards_rest_and_never_fires() -> None:
+    """When the upstream stops taking the body (early answer), later bytes are dropped and startProducing's Deferred stays unfired."""
+    agent, clock = FakeAgent(), Clock()
+    channel, down = channel_for(agent, clock)
+    channel.dataReceived(b"PATCH /v2/x/blobs/uploads/u1 HTTP/1.1\r\nHost: p\r\nContent-Length: 6\r\n\r\nabc")
+    clock.advance(0)
+    body = agent.bodies[0]
+    assert body is not None
+    consumer = RecordingConsumer()
+    done = body.startProducing(consumer)  # type: ignore[arg-type]
+    body.stopProducing()
+    channel.dataReceived(b"def")
+    assert b"".join(consumer.data) == b"abc"
+    assert not done.called
