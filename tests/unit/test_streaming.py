@@ -247,3 +247,15 @@ def test_upload_stopped_by_upstream_discards_rest_and_never_fires() -> None:
     channel.dataReceived(b"def")
     assert b"".join(consumer.data) == b"abc"
     assert not done.called
+
+
+def test_upstream_response_timeout_is_504() -> None:
+    """No response head from the upstream within --response-timeout: 504 OCI error, upstream request cancelled."""
+    agent, clock = FakeAgent(), Clock()
+    channel, down = channel_for(agent, clock)
+    channel.dataReceived(b"GET /v2/x/manifests/latest HTTP/1.1\r\nHost: p\r\n\r\n")
+    assert len(agent.pending) == 1
+    clock.advance(61)
+    assert down.value().startswith(b"HTTP/1.1 504")
+    assert b'"UNAVAILABLE"' in down.value()
+    assert agent.pending[0].called  # cancelled by the timeout
