@@ -141,14 +141,17 @@ class RegistryProxy(Resource):
         errors.write_error(request, error)
 
     def _access_log(self, result: object, request: Request, exchange: Exchange, started: float) -> None:
-        # One pre-built string: twisted.logger formats it once, not field by field
-        # (the access log was ~15% of a manifest request's CPU).
+        # Separate fields, so that `twist --log-format=json` gives machine-readable lines.
         self.log.info(
-            "{access}",
-            access=f"{getattr(request.getClientAddress(), 'host', '-')} "
-            f'"{request.method.decode("latin-1")} {request.uri.decode("latin-1")}" '
-            f"{request.code} {request.sentLength} {self._clock.seconds() - started:.3f}s "
-            f"upstream={exchange.upstream_status or '-'}{f' ({exchange.note})' if exchange.note else ''}",
+            '{client} "{method} {uri}" {status} {bytes} {duration:.3f}s upstream={upstream}{note}',
+            client=getattr(request.getClientAddress(), "host", "-"),
+            method=request.method.decode("latin-1"),
+            uri=request.uri.decode("latin-1"),
+            status=request.code,
+            bytes=request.sentLength,
+            duration=self._clock.seconds() - started,
+            upstream=exchange.upstream_status or "-",
+            note=f" ({exchange.note})" if exchange.note else "",
         )
 
     # dispatch
