@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, quote, unquote
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeout
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestGenerationFailed, RequestTransmissionFailed
@@ -32,7 +32,7 @@ from .auth import rewrite_challenge, token_query
 from .headers import client_response_headers, rewrite_link, rewrite_url, upstream_request_headers
 from .names import upstream_name
 from .pipe import BodyIdleTimeout, BodyPipe
-from .upload import MAX_SMALL_BODY, BytesBody
+from .upload import MAX_SMALL_BODY, BytesBody, UploadBody
 from .upstream import Upstream, discard
 
 _CORS = {
@@ -221,15 +221,43 @@ class RegistryProxy(Resource):
         url = upstream.url(route.upstream_path(up_name), query)
         headers = upstream_request_headers(request.requestHeaders)
         body = self._body(request)
-        streamed = body is not None and body is getattr(request, "upload", None)
-        response, _ = await upstream.fetch(request.method, url, headers, body, timeout=0 if streamed else None)
+        if isinstance(body, UploadBody):
+            response = await self._fetch_upload(request.method, url, headers, body)
+        else:
+            response, _ = await upstream.fetch(request.method, url, headers, body)
         exchange.upstream_status = response.code
-        if streamed and body.error is not None:  # type: ignore[union-attr]
+        if isinstance(body, UploadBody) and body.error is not None:
             # The upload broke off on our side (size limit): whatever the
             # upstream made of the cut body is not the answer.
             discard(response)
-            raise body.error  # type: ignore[union-attr]
+            raise body.error
         await self._relay(request, response, names)
+
+    async def _fetch_upload(self, method: bytes, url: str, headers: Headers, body: UploadBody) -> IResponse:
+        """Send a streamed upload; the response timeout runs from the end of the client's body.
+
+        An upload takes as long as the client takes to send it, so the usual
+        timeout can't start with the request; but once the whole body is in, an
+        upstream that never answers must not hold the client forever.
+        """
+        exchange = Deferred.fromCoroutine(self._upstream.fetch(method, url, headers, body, timeout=0))
+        timer: list[IDelayedCall] = []
+
+        def start_timer(_: None) -> None:
+            if not exchange.called and self._upstream.response_timeout:
+                timer.append(self._clock.callLater(self._upstream.response_timeout, exchange.cancel))
+
+        body.whole.addCallback(start_timer)
+        try:
+            response, _ = await exchange
+        except CancelledError:
+            if timer and not timer[0].active():
+                raise TimeoutError("no upstream response after the upload body") from None
+            raise  # the client left
+        finally:
+            if timer and timer[0].active():
+                timer[0].cancel()
+        return response
 
     def _check_namespace(self, query: bytes) -> None:
         """containerd names the registry it mirrors in C{?ns=}: serve only the ones we front."""

@@ -85,6 +85,8 @@ class UploadBody:
         self._done: Deferred[None] | None = None
         self._stopped = False
         self._client_paused = False
+        #: Fires once the client has sent the whole body (the upstream's answer is due then).
+        self.whole: Deferred[None] = Deferred()
         if limit and length is not None and length > limit:
             self.error = UploadTooLarge(limit)
 
@@ -107,6 +109,7 @@ class UploadBody:
 
     def end(self) -> None:
         self.complete = True
+        self.whole.callback(None)
         if self._done is not None and not self._done.called:
             done, self._done = self._done, None
             done.callback(None)

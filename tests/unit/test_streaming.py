@@ -259,3 +259,17 @@ def test_upstream_response_timeout_is_504() -> None:
     assert down.value().startswith(b"HTTP/1.1 504")
     assert b'"UNAVAILABLE"' in down.value()
     assert agent.pending[0].called  # cancelled by the timeout
+
+
+def test_streamed_upload_response_timeout_counts_from_end_of_body() -> None:
+    """A streamed upload may take long; once its body is complete, a silent upstream still gets a 504."""
+    agent, clock = FakeAgent(), Clock()
+    channel, down = channel_for(agent, clock)
+    channel.dataReceived(b"PATCH /v2/x/blobs/uploads/u1 HTTP/1.1\r\nHost: p\r\nContent-Length: 6\r\n\r\nabc")
+    clock.advance(0)
+    agent.bodies[0].startProducing(RecordingConsumer())  # type: ignore[union-attr]
+    clock.advance(300)  # a slow client: no timeout while the body is still coming
+    assert down.value() == b""
+    channel.dataReceived(b"def")
+    clock.advance(61)
+    assert down.value().startswith(b"HTTP/1.1 504")
