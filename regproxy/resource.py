@@ -226,6 +226,8 @@ class RegistryProxy(Resource):
         else:
             response, _ = await upstream.fetch(request.method, url, headers, body)
         exchange.upstream_status = response.code
+        if isinstance(body, UploadBody):
+            body.answered = True
         if isinstance(body, UploadBody) and body.error is not None:
             # The upload broke off on our side (size limit): whatever the
             # upstream made of the cut body is not the answer.

@@ -87,6 +87,8 @@ class UploadBody:
         self._client_paused = False
         #: Fires once the client has sent the whole body (the upstream's answer is due then).
         self.whole: Deferred[None] = Deferred()
+        #: Set when the upstream's response has arrived (possibly before the whole body).
+        self.answered = False
         if limit and length is not None and length > limit:
             self.error = UploadTooLarge(limit)
 
@@ -122,7 +124,12 @@ class UploadBody:
         if self.error is None:
             self.error = error
         self._early = []
-        if self._done is not None and not self._done.called:
+        if self.answered:
+            # The upstream has answered already (an early 401/404 while the body
+            # was still coming): its request is over, so just stop. Failing the
+            # body now would only make Twisted's client log a critical error.
+            self.stopProducing()
+        elif self._done is not None and not self._done.called:
             done, self._done = self._done, None
             done.errback(error)
 

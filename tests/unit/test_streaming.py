@@ -273,3 +273,18 @@ def test_streamed_upload_response_timeout_counts_from_end_of_body() -> None:
     channel.dataReceived(b"def")
     clock.advance(61)
     assert down.value().startswith(b"HTTP/1.1 504")
+
+
+def test_upload_failing_after_upstream_answered_just_stops() -> None:
+    """Past the size limit after the upstream already answered (early 404): the body just stops, no late error upstream."""
+    agent, clock = FakeAgent(), Clock()
+    channel, down = channel_for(agent, clock, max_upload=4)
+    channel.dataReceived(b"PATCH /v2/x/blobs/uploads/u1 HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    clock.advance(0)
+    done = agent.bodies[0].startProducing(RecordingConsumer())  # type: ignore[union-attr]
+    response = FakeResponse(code=404, length=0)
+    agent.pending[0].callback(response)
+    response.protocol.connectionLost(Failure(ResponseDone()))
+    assert down.value().startswith(b"HTTP/1.1 404")
+    channel.dataReceived(b"3\r\ndef\r\n")  # now over the limit
+    assert not done.called
