@@ -219,24 +219,29 @@ def _children(pid: int) -> list[int]:
 
 def test_workers_share_ports_and_stop_together(hub: Hub, tmp_path: Path) -> None:
     """--workers 2: a second process serves the same TCP and TLS ports, and goes away with the first."""
+    import subprocess
     import time
+
+    def listeners(port: int) -> str:
+        return subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True).stdout
 
     with ProxyProcess(tmp_path, hub.registry_url, ["--upstream-ca", str(hub.ca_pem), "--library-prefix", "--workers", "2"]) as p:
         assert p.process is not None
-        deadline = time.monotonic() + 20
-        while not _children(p.process.pid) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30
+        children: list[int] = []
+        while time.monotonic() < deadline:
+            children = _children(p.process.pid)
+            if children and all(f"pid={children[0]}," in listeners(port) for port in (p.port, p.tls_port)):
+                break
             time.sleep(0.1)
-        (child,) = _children(p.process.pid)
+        (child,) = children
+        for port in (p.port, p.tls_port):
+            assert f"pid={p.process.pid}," in listeners(port) and f"pid={child}," in listeners(port), listeners(port)
         image = hub.images["library/alpine:latest"]
         auth = pull_token(p, hub, "alpine")
         for _ in range(20):  # new connections are spread over both processes
             assert request("GET", f"{p.url}/v2/alpine/manifests/latest", {"Accept": ALL_MANIFEST_TYPES, **auth}).body == image.manifest
             assert request("HEAD", f"{p.tls_url}/v2/alpine/manifests/latest", {"Accept": ALL_MANIFEST_TYPES, **auth}, ca=p.ca_pem).status == 200
-        import subprocess
-
-        for port in (p.port, p.tls_port):
-            listening = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True).stdout
-            assert f"pid={p.process.pid}," in listening and f"pid={child}," in listening, listening
     deadline = time.monotonic() + 20
     while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
