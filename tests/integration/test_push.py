@@ -507,7 +507,7 @@ def test_upstream_drops_mid_upload(tmp_path: Path) -> None:
                 outcome = e
             elapsed = time.monotonic() - started
             print(f"client outcome: {outcome!r} after {elapsed:.2f}s; upstream got {fake.received} body bytes")
-            assert elapsed < 30, "the client waited for a timeout instead of getting an answer"
+            assert not isinstance(outcome, TimeoutError), "the client waited for a timeout instead of getting an answer"
             assert fake.requests and fake.requests[0].startswith(b"PATCH /v2/pushtest/dropped/blobs/uploads/0a1b2c3d?_state=abc ")
             # The proxy survives and still answers.
             assert request("GET", px.url + "/healthz").status == 200
