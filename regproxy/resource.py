@@ -223,16 +223,16 @@ class RegistryProxy(Resource):
         body = self._body(request)
         if isinstance(body, UploadBody):
             response = await self._fetch_upload(request.method, url, headers, body)
+            exchange.upstream_status = response.code
+            body.answered = True
+            if body.error is not None:
+                # The upload broke off on our side (size limit): whatever the
+                # upstream made of the cut body is not the answer.
+                discard(response)
+                raise body.error
         else:
             response, _ = await upstream.fetch(request.method, url, headers, body)
-        exchange.upstream_status = response.code
-        if isinstance(body, UploadBody):
-            body.answered = True
-        if isinstance(body, UploadBody) and body.error is not None:
-            # The upload broke off on our side (size limit): whatever the
-            # upstream made of the cut body is not the answer.
-            discard(response)
-            raise body.error
+            exchange.upstream_status = response.code
         await self._relay(request, response, names)
 
     async def _fetch_upload(self, method: bytes, url: str, headers: Headers, body: UploadBody) -> IResponse:
