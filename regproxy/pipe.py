@@ -29,8 +29,8 @@ class BodyIdleTimeout(Exception):
 class BodyPipe(Protocol):
     """Upstream body -> client request, with pause/resume/stop forwarded upstream.
 
-    @ivar done: fires with the number of body bytes passed on once the upstream
-        body is complete; fails if it broke off; cancelling it stops the upstream.
+    @ivar done: fires once the upstream body is complete; fails if it broke
+        off; cancelling it stops the upstream.
     """
 
     def __init__(self, request: Request, clock: IReactorTime, idle_timeout: float) -> None:
@@ -39,13 +39,11 @@ class BodyPipe(Protocol):
         self._idle_timeout = idle_timeout
         self._timer: IDelayedCall | None = None
         self._client_gone = False
-        self._paused = False
-        self.received = 0
         #: The upstream response's transport (a TransportProxyProducer): what we pause.
         self._upstream: IPushProducer | None = None
-        self.done: Deferred[int] = Deferred(self._cancel)
+        self.done: Deferred[None] = Deferred(self._cancel)
 
-    def _cancel(self, _: Deferred[int]) -> None:
+    def _cancel(self, _: Deferred[None]) -> None:
         self._stop_timer()
         if self._upstream is not None:
             self._upstream.stopProducing()
@@ -58,7 +56,6 @@ class BodyPipe(Protocol):
         self._arm_timer()
 
     def dataReceived(self, data: bytes) -> None:
-        self.received += len(data)
         if self._timer is not None:
             self._timer.reset(self._idle_timeout)
         self._request.write(data)
@@ -70,20 +67,18 @@ class BodyPipe(Protocol):
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(self.received)
+            self.done.callback(None)
         else:
             self.done.errback(reason)
 
     # IPushProducer: driven by the client connection.
 
     def pauseProducing(self) -> None:
-        self._paused = True
         # A client that is not reading is not the upstream's fault.
         self._stop_timer()
         cast(IPushProducer, self._upstream).pauseProducing()
 
     def resumeProducing(self) -> None:
-        self._paused = False
         self._arm_timer()
         cast(IPushProducer, self._upstream).resumeProducing()
 

@@ -218,13 +218,9 @@ def worker_args(options: Options, listen: list[str]) -> list[str]:
         args += ["--public-url", options["public-url"]]
     if options["library-prefix"] is not None:
         args.append("--library-prefix" if options["library-prefix"] else "--no-library-prefix")
-    for name in (
-        "connect-timeout",
-        "response-timeout",
-        "idle-timeout",
-        "max-redirects",
-        "max-upload-size",
-        "read-size",
-    ):
-        args += [f"--{name}", str(options[name])]
+    # Every other option, from the table itself, so a new one can't be forgotten here.
+    handled = {"upstream", "public-url", "workers"}
+    for name, *_ in Options.optParameters:
+        if name not in handled:
+            args += [f"--{name}", str(options[name])]
     return args + ["--worker"]
