@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+from twisted.web.http_headers import Headers
 from twisted.web.server import Request
 
 #: Headers every registry answer carries; some clients refuse answers without it.
@@ -21,12 +22,21 @@ class RegistryError(Exception):
     Raised anywhere below the resource; the resource turns it into a response.
     """
 
-    def __init__(self, status: int, code: str, message: str, detail: object = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        detail: object = None,
+        headers: dict[bytes, list[bytes]] | None = None,
+    ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
         self.detail = detail
+        #: Extra response headers that belong to this answer (C{Allow}, C{Retry-After}).
+        self.headers = headers or {}
 
     def body(self) -> bytes:
         """The OCI error document for this error."""
@@ -41,9 +51,32 @@ def error_body(code: str, message: str, detail: object = None) -> bytes:
     return json.dumps({"errors": [entry]}).encode("utf-8")
 
 
+#: Headers set on a request before its answer was decided that still hold for an error.
+_KEPT_ON_ERROR = (
+    b"server",
+    b"date",
+    b"connection",
+    b"vary",
+    b"access-control-allow-origin",
+    b"access-control-expose-headers",
+)
+
+
 def write_error(request: Request, error: RegistryError) -> None:
-    """Answer C{request} with C{error} and finish it (body omitted for HEAD by twisted.web)."""
+    """Answer C{request} with C{error} and finish it (body omitted for HEAD by twisted.web).
+
+    The headers start afresh: whatever an upstream answer had put there
+    (C{Content-Range}, a digest, its length) describes another response.
+    """
     body = error.body()
+    old = request.responseHeaders
+    request.responseHeaders = Headers()
+    for name in _KEPT_ON_ERROR:
+        values = old.getRawHeaders(name)
+        if values:
+            request.responseHeaders.setRawHeaders(name, values)
+    for name, values in error.headers.items():
+        request.responseHeaders.setRawHeaders(name, values)
     request.setResponseCode(error.status)
     request.responseHeaders.setRawHeaders(b"Content-Type", [b"application/json"])
     request.responseHeaders.setRawHeaders(b"Content-Length", [str(len(body)).encode()])

@@ -28,8 +28,34 @@ _HOP_BY_HOP = frozenset(
 )
 #: Never copied from the client: the Agent sets Host and frames the body itself.
 _NOT_FORWARDED = _HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+#: Headers that are about the upstream's own domain or origin, not about the
+#: content: passed on, they would set cookies, pin HSTS, advertise QUIC or grant
+#: CORS on the proxy's domain in the upstream's name.
+UPSTREAM_DOMAIN_HEADERS = frozenset(
+    {
+        b"set-cookie",
+        b"set-cookie2",
+        b"strict-transport-security",
+        b"alt-svc",
+        b"public-key-pins",
+        b"public-key-pins-report-only",
+        b"expect-ct",
+        b"nel",
+        b"report-to",
+        b"reporting-endpoints",
+        b"clear-site-data",
+        b"content-security-policy",
+        b"content-security-policy-report-only",
+        b"access-control-allow-origin",
+        b"access-control-allow-credentials",
+        b"access-control-allow-methods",
+        b"access-control-allow-headers",
+        b"access-control-expose-headers",
+        b"access-control-max-age",
+    }
+)
 #: Never copied from the upstream response: twisted.web frames the answer itself.
-_NOT_RETURNED = _HOP_BY_HOP | {b"content-length"}
+_NOT_RETURNED = _HOP_BY_HOP | {b"content-length"} | UPSTREAM_DOMAIN_HEADERS
 #: Credentials that must not follow a redirect to another origin (presigned
 #: blob-store URLs reject them, and they belong to the registry only).
 CREDENTIAL_HEADERS = frozenset({b"authorization", b"cookie", b"proxy-authorization"})

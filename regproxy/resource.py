@@ -32,17 +32,16 @@ from .auth import rewrite_challenge, token_query
 from .headers import client_response_headers, rewrite_link, rewrite_url, upstream_request_headers
 from .names import upstream_name
 from .pipe import BodyIdleTimeout, BodyPipe
-from .upload import MAX_SMALL_BODY, BytesBody, UploadBody
+from .upload import MAX_FORM_BODY, MAX_SMALL_BODY, BytesBody, UploadBody
 from .upstream import Upstream, discard
 
-_CORS = {
-    b"Access-Control-Allow-Origin": [b"*"],
-    b"Access-Control-Expose-Headers": [
-        b"Docker-Content-Digest, Docker-Distribution-API-Version, Docker-Upload-UUID, "
-        b"WWW-Authenticate, Location, Link, Range, Content-Range, Content-Length, "
-        b"OCI-Subject, OCI-Filters-Applied, OCI-Chunk-Min-Length"
-    ],
-}
+#: CORS, for configured origins only: a wildcard would let any web page read
+#: what the proxy serves to the browser's network (an intranet registry, say).
+_CORS_EXPOSE = (
+    b"Docker-Content-Digest, Docker-Distribution-API-Version, Docker-Upload-UUID, "
+    b"WWW-Authenticate, Location, Link, Range, Content-Range, Content-Length, "
+    b"OCI-Subject, OCI-Filters-Applied, OCI-Chunk-Min-Length"
+)
 _PREFLIGHT = {
     b"Access-Control-Allow-Methods": [b"GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"],
     b"Access-Control-Allow-Headers": [
@@ -52,8 +51,6 @@ _PREFLIGHT = {
     b"Access-Control-Max-Age": [b"86400"],
 }
 _SAFE_HOST = re.compile(rb"[A-Za-z0-9.\-]+(:[0-9]+)?|\[[0-9A-Fa-f:.]+\](:[0-9]+)?")
-#: A token request body is a small form; anything larger is not a token request.
-_MAX_TOKEN_FORM = 64 * 1024
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 
 
@@ -71,6 +68,10 @@ class Settings:
 
     public_url: str | None = None
     idle_timeout: float = 120.0
+    #: A client that leaves its download unread this long is dropped (slow read).
+    client_timeout: float = 120.0
+    #: Browser origins allowed to read answers (CORS); none by default.
+    cors_origins: frozenset[str] = frozenset()
 
 
 class RegistryProxy(Resource):
@@ -89,16 +90,26 @@ class RegistryProxy(Resource):
 
     def render(self, request: Request) -> int:  # type: ignore[override]
         request.defaultContentType = None
-        for name, values in _CORS.items():
-            request.responseHeaders.setRawHeaders(name, values)
+        self._cors(request)
         exchange = Exchange()
         started = self._clock.seconds()
+        # Asked for before the handler runs: an answer the proxy gives at once
+        # (a 404, /healthz) finishes the request before fromCoroutine returns.
+        finished = request.notifyFinish()
+        finished.addBoth(self._access_log, request, exchange, started)
         d = Deferred.fromCoroutine(self._handle(request, exchange))
         d.addErrback(self._failed, request, exchange)
-        finished = request.notifyFinish()
         finished.addErrback(_cancel_when_client_leaves, d)
-        finished.addBoth(self._access_log, request, exchange, started)
         return NOT_DONE_YET
+
+    def _cors(self, request: Request) -> None:
+        origin = request.getHeader(b"origin")
+        if origin is None or not self._settings.cors_origins:
+            return
+        request.responseHeaders.setRawHeaders(b"vary", [b"Origin"])
+        if origin.decode("latin-1") in self._settings.cors_origins:
+            request.responseHeaders.setRawHeaders(b"access-control-allow-origin", [origin])
+            request.responseHeaders.setRawHeaders(b"access-control-expose-headers", [_CORS_EXPOSE])
 
     def _failed(self, failure: Failure, request: Request, exchange: Exchange) -> None:
         """Turn whatever went wrong into the right answer, or a dropped connection."""
@@ -157,6 +168,9 @@ class RegistryProxy(Resource):
     # dispatch
 
     async def _handle(self, request: Request, exchange: Exchange) -> None:
+        refused = getattr(request, "body_error", None)
+        if refused is not None:
+            raise refused
         method = request.method
         raw_path, _, query = request.uri.partition(b"?")
         if method == b"CONNECT" or not raw_path.startswith(b"/"):
@@ -170,12 +184,12 @@ class RegistryProxy(Resource):
                 path = raw_path.decode("ascii")
             except UnicodeDecodeError:
                 raise errors.name_invalid(raw_path.decode("latin-1")) from None
-            route = routes.parse(path)
+            route = routes.parse(path, method)
             if method not in routes.ALLOWED_METHODS[route.kind]:
-                request.responseHeaders.setRawHeaders(
-                    b"Allow", [b", ".join(sorted(routes.ALLOWED_METHODS[route.kind]))]
+                allow = b", ".join(sorted(routes.ALLOWED_METHODS[route.kind]))
+                raise errors.RegistryError(
+                    405, "UNSUPPORTED", f"{method.decode('latin-1')} is not allowed here", headers={b"Allow": [allow]}
                 )
-                raise errors.unsupported(f"{method.decode('latin-1')} is not allowed here", 405)
             return await self._registry(request, route, query, exchange)
         if raw_path == b"/token":
             if method not in (b"GET", b"POST"):
@@ -188,8 +202,10 @@ class RegistryProxy(Resource):
         raise errors.unsupported(f"nothing at {raw_path.decode('latin-1')!r}")
 
     def _preflight(self, request: Request) -> None:
-        for name, values in _PREFLIGHT.items():
-            request.responseHeaders.setRawHeaders(name, values)
+        if request.responseHeaders.hasHeader(b"access-control-allow-origin"):
+            for name, values in _PREFLIGHT.items():
+                request.responseHeaders.setRawHeaders(name, values)
+        request.responseHeaders.setRawHeaders(b"allow", [_PREFLIGHT[b"Access-Control-Allow-Methods"][0]])
         request.setResponseCode(204)
         request.finish()
 
@@ -231,9 +247,9 @@ class RegistryProxy(Resource):
                 discard(response)
                 raise body.error
         else:
-            response, _ = await upstream.fetch(request.method, url, headers, body)
+            response, url = await upstream.fetch(request.method, url, headers, body)
             exchange.upstream_status = response.code
-        await self._relay(request, response, names)
+        await self._relay(request, response, names, url)
 
     async def _fetch_upload(self, method: bytes, url: str, headers: Headers, body: UploadBody) -> IResponse:
         """Send a streamed upload; the response timeout runs from the end of the client's body.
@@ -277,15 +293,10 @@ class RegistryProxy(Resource):
             if upload.error is not None:
                 raise upload.error
             return upload  # type: ignore[no-any-return]
-        content = request.content
-        assert content is not None
-        content.seek(0)
-        data = content.read(MAX_SMALL_BODY + 1)
-        if len(data) > MAX_SMALL_BODY:
-            raise errors.RegistryError(413, "SIZE_INVALID", f"request body over {MAX_SMALL_BODY} bytes")
+        data = _small_body(request, MAX_SMALL_BODY)
         return BytesBody(data) if data else None
 
-    async def _relay(self, request: Request, response: IResponse, names: dict[str, str]) -> None:
+    async def _relay(self, request: Request, response: IResponse, names: dict[str, str], source: str) -> None:
         """Pass an upstream response on: status, rewritten headers, streamed body."""
         upstream = self._upstream
         base = self.public_base(request)
@@ -300,7 +311,7 @@ class RegistryProxy(Resource):
             for value in challenges:
                 new, realm = rewrite_challenge(value.decode("latin-1"), base + "/token", to_client)
                 if realm is not None:
-                    upstream.note_challenge(realm)
+                    upstream.note_challenge(realm, source)
                 rewritten.append(new.encode("latin-1"))
             headers.setRawHeaders(b"www-authenticate", rewritten)
 
@@ -332,7 +343,21 @@ class RegistryProxy(Resource):
             length = response.headers.getRawHeaders(b"content-length")
             if length:
                 request.responseHeaders.setRawHeaders(b"content-length", length[-1:])
-        pipe = BodyPipe(request, self._clock, self._settings.idle_timeout)
+        # An HTTP/1.0 upstream without Content-Length ends its body by closing:
+        # relay it the same way. (An HTTP/1.1 one may be chunked or not; Twisted
+        # doesn't say, so such a body is relayed chunked and dropped if its end
+        # is in doubt.)
+        close_delimited = (
+            not bodiless
+            and response.length is UNKNOWN_LENGTH
+            and tuple(response.version[1:]) == (1, 0)
+            and hasattr(request, "relay_close_delimited")
+        )
+        if close_delimited:
+            request.relay_close_delimited()  # type: ignore[attr-defined]
+        pipe = BodyPipe(
+            request, self._clock, self._settings.idle_timeout, close_delimited, self._settings.client_timeout
+        )
         response.deliverBody(pipe)
         await pipe.done
         if not _gone(request):
@@ -355,13 +380,7 @@ class RegistryProxy(Resource):
                 url += ("&" if "?" in realm else "?") + token_query(query, to_upstream).decode("ascii")
         else:
             url = realm
-            content = request.content
-            assert content is not None
-            content.seek(0)
-            form = content.read(_MAX_TOKEN_FORM + 1)
-            if len(form) > _MAX_TOKEN_FORM:
-                raise errors.RegistryError(413, "SIZE_INVALID", "token request body too large")
-            body = BytesBody(token_query(form, to_upstream))
+            body = BytesBody(token_query(_small_body(request, MAX_FORM_BODY), to_upstream))
         response = await upstream.send(request.method, url, headers, body)
         exchange.upstream_status = response.code
         await self._stream(request, response, client_response_headers(response.headers))
@@ -415,6 +434,18 @@ def _close_if_body_pending(request: Request) -> None:
     if pending is not None and pending() and not _gone(request):
         request.channel.persistent = False
         request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+
+
+def _small_body(request: Request, limit: int) -> bytes:
+    """A (buffered, bounded) request body; the request classes refuse larger ones before reading them."""
+    content = request.content
+    if content is None:
+        return b""
+    content.seek(0)
+    data: bytes = content.read(limit + 1)
+    if len(data) > limit:
+        raise errors.RegistryError(413, "SIZE_INVALID", f"request body larger than {limit} bytes")
+    return data
 
 
 def _answer(request: Request, code: int, content_type: bytes, body: bytes) -> None:

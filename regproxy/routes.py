@@ -78,18 +78,28 @@ class Route:
         return base + suffix
 
 
-def parse(path: str) -> Route:
+#: Methods that only read: for them a name or reference that can't exist is
+#: simply not there (404, what registries answer), not a malformed request.
+_READS = frozenset({b"GET", b"HEAD"})
+
+
+def parse(path: str, method: bytes = b"GET") -> Route:
     """Parse a raw request path (no query) under C{/v2}.
+
+    A syntax check must not change the status a registry gives for content that
+    isn't there: reading an impossible name, tag or digest is a 404 with the
+    matching C{*_UNKNOWN} code; writing one is a 400 with the precise C{*_INVALID}.
 
     @raise errors.RegistryError: with the OCI code that names what is wrong.
     """
+    reading = method in _READS
     if path in ("/v2", "/v2/"):
         return Route(Kind.PING)
     if path == "/v2/_catalog":
         return Route(Kind.CATALOG)
     upload = _UPLOAD.fullmatch(path)
     if upload is not None:
-        name = _checked_name(upload["name"])
+        name = _checked_name(upload["name"], reading)
         rest = upload["rest"]
         if not rest:
             return Route(Kind.UPLOAD_START, name)
@@ -99,10 +109,12 @@ def parse(path: str) -> Route:
     endpoint = _ENDPOINT.fullmatch(path)
     if endpoint is None:
         raise errors.unsupported(f"no registry API endpoint at {path!r}")
-    name = _checked_name(endpoint["name"])
+    name = _checked_name(endpoint["name"], reading)
     kind, rest = endpoint["kind"], endpoint["rest"]
     if kind == "manifests":
         if not is_valid_reference(rest):
+            if reading:
+                raise errors.RegistryError(404, "MANIFEST_UNKNOWN", f"no manifest {rest!r} (not a valid reference)")
             if ":" in rest:
                 raise errors.digest_invalid(rest)
             raise errors.tag_invalid(rest)
@@ -112,11 +124,16 @@ def parse(path: str) -> Route:
             raise errors.unsupported(f"no registry API endpoint at {path!r}")
         return Route(Kind.TAGS, name)
     if not is_valid_digest(rest):
+        if reading:
+            code = "BLOB_UNKNOWN" if kind == "blobs" else "MANIFEST_UNKNOWN"
+            raise errors.RegistryError(404, code, f"no such content: {rest!r} is not a valid digest")
         raise errors.digest_invalid(rest)
     return Route(Kind.BLOB if kind == "blobs" else Kind.REFERRERS, name, rest)
 
 
-def _checked_name(name: str) -> str:
+def _checked_name(name: str, reading: bool) -> str:
     if not is_valid_name(name):
+        if reading:
+            raise errors.RegistryError(404, "NAME_UNKNOWN", f"no repository {name!r} (not a valid name)")
         raise errors.name_invalid(name)
     return name

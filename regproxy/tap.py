@@ -9,13 +9,12 @@ from twisted.application.service import IService, MultiService
 from twisted.internet import tcp
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.http import HTTPChannel
-from twisted.web.server import Site
 
-from .errors import error_body
+from .channel import ChannelLimits, RegistrySite
+from .headers import origin
+from .outbound import OutboundPolicy
 from .resource import RegistryProxy, Settings
 from .tls import policy_for
-from .upload import StreamingRequest
 from .upstream import OriginEndpoints, Upstream
 from .workers import Listener, WorkerSupervisor, enable_reuse_port
 
@@ -41,9 +40,14 @@ class Options(usage.Options):
         ["max-upload-size", None, "0", "Largest blob upload request body, e.g. 20G (0: no limit)."],
         ["read-size", None, "256K", "Bytes read from a socket at a time, and buffered per connection before pausing."],
         ["workers", None, 1, "Processes sharing the listening ports (one per core is a good start).", int],
+        ["client-timeout", None, 120.0, "Seconds a client may leave a download unread before it is dropped.", float],
+        ["header-timeout", None, 30.0, "Seconds a client may take to send a request head.", float],
+        ["max-connections", None, 4096, "Client connections open at once (0: no limit).", int],
+        ["max-connections-per-client", None, 0, "Connections open at once per client address (0: no limit).", int],
     ]
     optFlags: list[Any] = [
         ["worker", None, "(internal) run as an extra process of a --workers proxy"],
+        ["allow-private-redirects", None, "Follow upstream redirects to private and loopback addresses too."],
     ]
 
     def __init__(self) -> None:
@@ -51,6 +55,26 @@ class Options(usage.Options):
         self["listen"] = []
         self["upstream-ca"] = []
         self["library-prefix"] = None
+        self["realm"] = None
+        self["realm-host"] = []
+        self["redirect-host"] = []
+        self["cors-origin"] = []
+
+    def opt_realm(self, url: str) -> None:
+        """Pin the upstream's token realm (default: learnt from the upstream's own challenges)."""
+        self["realm"] = url
+
+    def opt_realm_host(self, host: str) -> None:
+        """A host (glob) the upstream's token realm may be on, besides the upstream's own domain (repeatable)."""
+        self["realm-host"].append(host)
+
+    def opt_redirect_host(self, host: str) -> None:
+        """Follow upstream redirects only to hosts matching these globs (repeatable; default: any public host)."""
+        self["redirect-host"].append(host)
+
+    def opt_cors_origin(self, origin: str) -> None:
+        """A browser origin allowed to read the proxy's answers (CORS), e.g. https://ui.example (repeatable)."""
+        self["cors-origin"].append(origin)
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on, e.g. tcp:5000 or ssl:443:privateKey=key.pem:certKey=cert.pem (repeatable) [default: tcp:5000]"""
@@ -88,6 +112,17 @@ class Options(usage.Options):
             self["tls-policy"] = policy_for(self["upstream-ca"])
         except (OSError, ValueError) as e:
             raise usage.UsageError(f"--upstream-ca: {e}") from None
+        self["outbound"] = OutboundPolicy(
+            self["upstream"],
+            realm_hosts=tuple(self["realm-host"]),
+            pinned_realm=self["realm"],
+            redirect_hosts=tuple(self["redirect-host"]),
+            allow_private_redirects=bool(self["allow-private-redirects"]),
+        )
+        if self["realm"] is not None:
+            problem = self["outbound"].realm_problem(self["realm"])
+            if problem is not None and (origin(self["realm"]) is None or not self["realm"].isascii()):
+                raise usage.UsageError(f"--realm: {problem}")
 
 
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -101,52 +136,6 @@ def parse_size(text: str | int) -> int:
     if number < 0:
         raise ValueError(text)
     return number * _SIZE_UNITS[unit]
-
-
-class RegistryChannel(HTTPChannel):
-    """An HTTP/1.1 channel that turns away TLS spoken to a plain-HTTP port at once.
-
-    dockerd, skopeo and podman try C{https://} first on an insecure registry and
-    fall back to C{http://} only when that fails. A ClientHello sitting unanswered
-    in the line buffer costs them a 10 s handshake timeout per request; an
-    immediate plain-HTTP 400 makes them fall back straight away, as the
-    distribution registry does.
-    """
-
-    _first = True
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._first and data:
-            self._first = False
-            if data[0] == 0x16:  # TLS record type "handshake"
-                body = error_body("UNSUPPORTED", "this port speaks plain HTTP, not TLS")
-                self.transport.write(  # type: ignore[union-attr]
-                    b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
-                    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-                )
-                self.transport.loseConnection()  # type: ignore[union-attr]
-                return
-        super().dataReceived(data)
-
-
-class RegistrySite(Site):
-    """A Site that speaks HTTP/1.1 only and logs through the resource.
-
-    HTTP/2 is kept out on purpose: the streaming pipe is built and tested on
-    HTTP/1.1 channels. The access log comes from L{RegistryProxy}, so twisted.web's
-    own combined-log line is switched off.
-    """
-
-    requestFactory = StreamingRequest
-    protocol = RegistryChannel  # type: ignore[assignment]  # HTTP/1.1 only: no _GenericHTTPChannelProtocol needed
-    #: Read by L{StreamingRequest}: the largest upload body accepted, 0 for no limit.
-    max_upload_size = 0
-
-    def acceptableProtocols(self) -> list[bytes]:
-        return [b"http/1.1"]
-
-    def log(self, request: object) -> None:
-        pass
 
 
 class _QuietFactory(_HTTP11ClientFactory):
@@ -174,7 +163,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     pool.maxPersistentPerHost = 32
     pool.cachedConnectionTimeout = 60
 
-    endpoints = OriginEndpoints(reactor, options["tls-policy"], options["connect-timeout"])
+    endpoints = OriginEndpoints(reactor, options["tls-policy"], options["connect-timeout"], options["outbound"])
 
     def agent(pool: HTTPConnectionPool) -> Agent:
         made: Agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
@@ -188,9 +177,21 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         body_agent=agent(QuietPool(reactor, persistent=False)),
         response_timeout=options["response-timeout"],
         max_redirects=options["max-redirects"],
+        policy=options["outbound"],
+        trusted_origins=endpoints.trusted,
     )
-    settings = Settings(public_url=options["public-url"], idle_timeout=options["idle-timeout"])
-    site = RegistrySite(RegistryProxy(upstream, reactor, settings), reactor=reactor)
+    settings = Settings(
+        public_url=options["public-url"],
+        idle_timeout=options["idle-timeout"],
+        client_timeout=options["client-timeout"],
+        cors_origins=frozenset(options["cors-origin"]),
+    )
+    limits = ChannelLimits(
+        header_timeout=options["header-timeout"],
+        max_connections=options["max-connections"],
+        max_connections_per_client=options["max-connections-per-client"],
+    )
+    site = RegistrySite(RegistryProxy(upstream, reactor, settings), reactor=reactor, limits=limits)
     site.max_upload_size = options["max-upload-size"]
     site.displayTracebacks = False
     parent = MultiService()
@@ -218,6 +219,13 @@ def worker_args(options: Options, listen: list[str]) -> list[str]:
         args += ["--public-url", options["public-url"]]
     if options["library-prefix"] is not None:
         args.append("--library-prefix" if options["library-prefix"] else "--no-library-prefix")
+    if options["realm"]:
+        args += ["--realm", options["realm"]]
+    for name in ("realm-host", "redirect-host", "cors-origin"):
+        for value in options[name]:
+            args += [f"--{name}", value]
+    if options["allow-private-redirects"]:
+        args.append("--allow-private-redirects")
     # Every other option, from the table itself, so a new one can't be forgotten here.
     handled = {"upstream", "public-url", "workers"}
     for name, *_ in Options.optParameters:

@@ -26,9 +26,18 @@ from zope.interface import implementer
 from . import errors
 from .auth import parse_challenge
 from .headers import origin, without_credentials
+from .outbound import OutboundPolicy, PolicyResolver, ResolvingThrough
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 DOCKER_HUB_NAMESPACES = frozenset({"docker.io", "registry-1.docker.io", "index.docker.io"})
+
+
+def ascii_url(raw: bytes) -> str:
+    """A URL from a header, with any byte that can't stand in a URL percent-encoded.
+
+    Upstreams sometimes send raw UTF-8 in C{Location}; browsers encode it the same way.
+    """
+    return "".join(chr(b) if 0x20 < b < 0x7F else f"%{b:02X}" for b in raw)
 
 
 class _Discard(Protocol):
@@ -53,20 +62,32 @@ class OriginEndpoints:
 
     _MAX = 256
 
-    def __init__(self, reactor: Any, policy: IPolicyForHTTPS, connect_timeout: float) -> None:
+    def __init__(
+        self, reactor: Any, policy: IPolicyForHTTPS, connect_timeout: float, outbound: OutboundPolicy | None = None
+    ) -> None:
         self._reactor = reactor
         self._policy = policy
         self._timeout = connect_timeout
-        self._cache: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+        self._outbound = outbound
+        #: Origins the configuration chose (the upstream, its realm): connected to as
+        #: they resolve. Any other origin is a redirect target, whose addresses the
+        #: outbound policy filters at connect time.
+        self.trusted: set[tuple[str, str, int]] = set()
+        if outbound is not None:
+            self.trusted.add(outbound.upstream_origin)
+            self._filtered: Any = ResolvingThrough(reactor, PolicyResolver(reactor.nameResolver, outbound))
+        self._cache: dict[tuple[bytes, bytes, int, bool], IStreamClientEndpoint] = {}
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
+        host = uri.host.decode("ascii")
+        trusted = self._outbound is None or (uri.scheme.decode("ascii"), host.lower(), uri.port) in self.trusted
+        key = (uri.scheme, uri.host, uri.port, trusted)
         endpoint = self._cache.get(key)
         if endpoint is None:
             if len(self._cache) >= self._MAX:
                 self._cache.clear()
-            host = uri.host.decode("ascii")
-            endpoint = HostnameEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+            reactor = self._reactor if trusted else self._filtered
+            endpoint = HostnameEndpoint(reactor, host, uri.port, timeout=self._timeout)
             if uri.scheme == b"https":
                 endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
             elif uri.scheme != b"http":
@@ -99,6 +120,9 @@ class Upstream:
     response_timeout: float = 60.0
     max_redirects: int = 5
     realm: str | None = None
+    policy: OutboundPolicy | None = None
+    #: The endpoint factory's trusted origins, told about the realm once it is learnt.
+    trusted_origins: set[tuple[str, str, int]] | None = None
     log: Logger = field(default_factory=Logger)
 
     def __post_init__(self) -> None:
@@ -108,6 +132,16 @@ class Upstream:
             raise ValueError(f"upstream must be an http(s) URL: {self.base!r}")
         self.origin = found
         self.prefix = urlsplit(self.base).path.rstrip("/")
+        if self.policy is None:
+            self.policy = OutboundPolicy(self.base)
+        if self.policy.pinned_realm is not None:
+            self._trust(self.policy.pinned_realm)
+            self.realm = self.policy.pinned_realm
+
+    def _trust(self, realm: str) -> None:
+        found = origin(realm)
+        if found is not None and self.trusted_origins is not None:
+            self.trusted_origins.add(found)
 
     @classmethod
     def configured(
@@ -129,22 +163,45 @@ class Upstream:
             url += "?" + query.decode("ascii")
         return url
 
-    def note_challenge(self, realm: str) -> None:
-        """Remember the token realm the upstream told us about."""
-        if origin(realm) is not None and realm != self.realm:
-            self.log.info("upstream {base} token realm is {realm}", base=self.base, realm=realm)
-            self.realm = realm
+    def note_challenge(self, realm: str, source: str) -> None:
+        """Remember the token realm named by a challenge that came from C{source}.
+
+        Only the configured upstream's own answers count (a CDN or any other
+        redirect target has no say), only realms the outbound policy accepts, and
+        never over a pinned realm.
+        """
+        assert self.policy is not None
+        if realm == self.realm or self.policy.pinned_realm is not None or origin(source) != self.origin:
+            return
+        problem = self.policy.realm_problem(realm)
+        if problem is not None:
+            self.log.warn(
+                "upstream {base} names the token realm {realm!r}, which is not used: {problem}",
+                base=self.base,
+                realm=realm,
+                problem=problem,
+            )
+            return
+        self.log.info("upstream {base} token realm is {realm}", base=self.base, realm=realm)
+        self._trust(realm)
+        self.realm = realm
 
     async def token_realm(self) -> str:
         """The upstream's token realm, asking its C{/v2/} if no challenge was seen yet."""
         if self.realm is None:
             response = await self.send(b"GET", self.url("/v2/", b""), Headers(), None)
             discard(response)
+            named = None
             for value in response.headers.getRawHeaders(b"www-authenticate", []):
                 challenge = parse_challenge(value.decode("latin-1"))
                 if challenge and challenge.scheme.lower() == "bearer" and challenge.get("realm"):
-                    self.note_challenge(challenge.get("realm") or "")
+                    named = challenge.get("realm") or ""
+                    self.note_challenge(named, self.base)
             if self.realm is None:
+                if named is not None:
+                    raise errors.RegistryError(
+                        502, "UNAVAILABLE", "the upstream registry names a token realm this proxy does not trust"
+                    )
                 raise errors.RegistryError(
                     404, "UNSUPPORTED", "the upstream registry does not use token authentication"
                 )
@@ -193,9 +250,12 @@ class Upstream:
             if not (follow and response.code in _REDIRECTS and location):
                 return response, url
             discard(response)
-            target = urljoin(url, location[0].decode("latin-1"))
-            if origin(target) is None:
-                raise errors.RegistryError(502, "UNAVAILABLE", "upstream redirected to a non-HTTP(S) location")
+            target = urljoin(url, ascii_url(location[0]))
+            assert self.policy is not None
+            problem = self.policy.redirect_problem(target)
+            if problem is not None:
+                self.log.warn("not following a redirect to {target}: {problem}", target=target, problem=problem)
+                raise errors.RegistryError(502, "UNAVAILABLE", f"upstream redirected to a forbidden target: {problem}")
             if origin(target) != origin(url):
                 headers = without_credentials(headers)
             self.log.debug("following {code} to {target}", code=response.code, target=target)

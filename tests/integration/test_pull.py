@@ -179,17 +179,19 @@ def test_containerd_ns_param(proxy: ProxyProcess, hub: Hub) -> None:
 
 
 @pytest.mark.parametrize(
-    "path, status, code",
+    "method, path, status, code",
     [
-        ("/v2/Alpine/manifests/latest", 400, "NAME_INVALID"),
-        ("/v2/alpine/blobs/sha256:1234", 400, "DIGEST_INVALID"),
-        ("/v2/alpine/manifests/bad..:tag", 400, "DIGEST_INVALID"),
-        ("/v2/alpine/whatever", 404, "UNSUPPORTED"),
+        ("GET", "/v2/Alpine/manifests/latest", 404, "NAME_UNKNOWN"),
+        ("GET", "/v2/alpine/blobs/sha256:1234", 404, "BLOB_UNKNOWN"),
+        ("GET", "/v2/alpine/manifests/.INVALID_MANIFEST_NAME", 404, "MANIFEST_UNKNOWN"),
+        ("PUT", "/v2/Alpine/manifests/latest", 400, "NAME_INVALID"),
+        ("PUT", "/v2/alpine/manifests/bad..:tag", 400, "DIGEST_INVALID"),
+        ("GET", "/v2/alpine/whatever", 404, "UNSUPPORTED"),
     ],
 )
-def test_bad_input(proxy: ProxyProcess, path: str, status: int, code: str) -> None:
-    """Malformed names, digests and paths get OCI error JSON from the proxy itself."""
-    r = request("GET", proxy.url + path)
+def test_bad_input(proxy: ProxyProcess, method: str, path: str, status: int, code: str) -> None:
+    """Impossible reads are 404 as a registry answers; malformed writes and paths get precise OCI errors."""
+    r = request(method, proxy.url + path, body=b"{}" if method == "PUT" else None)
     assert r.status == status and r.error_code() == code
 
 

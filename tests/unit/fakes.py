@@ -17,8 +17,9 @@ from twisted.internet.task import Clock
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 
+from regproxy.channel import RegistrySite
+from regproxy.outbound import OutboundPolicy
 from regproxy.resource import RegistryProxy, Settings
-from regproxy.tap import RegistrySite
 from regproxy.upstream import Upstream
 
 BLOB = bytes(range(256)) * 40
@@ -115,12 +116,15 @@ class FakeRegistry(Resource):
         return data
 
 
-def make_proxy(registry: FakeRegistry, library_prefix: bool = True) -> tuple[HTTPClient, RequestTraversalAgent, RequestTraversalAgent, Clock]:
+def make_proxy(
+    registry: FakeRegistry, library_prefix: bool = True, settings: Settings | None = None
+) -> tuple[HTTPClient, RequestTraversalAgent, RequestTraversalAgent, Clock]:
     """A client wired to the proxy wired to the fake upstream, all in memory."""
     clock = Clock()
     upstream_agent = RequestTraversalAgent(registry)
-    upstream = Upstream.configured("https://registry.example", library_prefix, upstream_agent, clock)
-    proxy = RegistryProxy(upstream, clock, Settings(public_url=None))
+    policy = OutboundPolicy("https://registry.example", realm_hosts=("auth.example",))
+    upstream = Upstream.configured("https://registry.example", library_prefix, upstream_agent, clock, policy=policy)
+    proxy = RegistryProxy(upstream, clock, settings or Settings(public_url=None))
     client_agent = RequestTraversalAgent(proxy)
     site = RegistrySite(proxy, reactor=clock)
     client_agent._serverFactory = site  # serve through the proxy's own Site/Request classes

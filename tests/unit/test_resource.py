@@ -10,15 +10,20 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
+from regproxy.resource import Settings
 from tests.unit.fakes import BLOB, BLOB_DIGEST, MANIFEST, MANIFEST_DIGEST, FakeRegistry, make_proxy
 
 AUTH = {b"Authorization": [b"Bearer T"]}
 
 
 class Harness:
-    def __init__(self, registry: FakeRegistry | None = None, library_prefix: bool = True) -> None:
+    def __init__(
+        self, registry: FakeRegistry | None = None, library_prefix: bool = True, settings: Settings | None = None
+    ) -> None:
         self.registry = registry or FakeRegistry()
-        self.client, self.client_agent, self.upstream_agent, self.clock = make_proxy(self.registry, library_prefix)
+        self.client, self.client_agent, self.upstream_agent, self.clock = make_proxy(
+            self.registry, library_prefix, settings
+        )
 
     def settle(self, d: Deferred[Any]) -> Any:
         results: list[Any] = []
@@ -179,9 +184,10 @@ def test_foreign_ns_refused(h: Harness) -> None:
 @pytest.mark.parametrize(
     "method, path, status, code",
     [
-        ("GET", "/v2/Bad/manifests/latest", 400, "NAME_INVALID"),
-        ("GET", "/v2/x/blobs/sha256:nothex", 400, "DIGEST_INVALID"),
-        ("GET", "/v2/x/manifests/..bad", 400, "TAG_INVALID"),
+        ("PUT", "/v2/Bad/manifests/latest", 400, "NAME_INVALID"),
+        ("DELETE", "/v2/x/blobs/sha256:nothex", 400, "DIGEST_INVALID"),
+        ("PUT", "/v2/x/manifests/..bad", 400, "TAG_INVALID"),
+        ("GET", "/v2/x/manifests/..bad", 404, "MANIFEST_UNKNOWN"),
         ("POST", "/v2/x/manifests/latest", 405, "UNSUPPORTED"),
         ("GET", "/nothing", 404, "UNSUPPORTED"),
         ("PUT", "/token", 405, "UNSUPPORTED"),
@@ -200,7 +206,7 @@ def test_absolute_form_target_refused(h: Harness) -> None:
     """An absolute-form request target (forward-proxy use) is refused without dialling anything."""
     from twisted.internet.testing import StringTransport
 
-    from regproxy.tap import RegistrySite
+    from regproxy.channel import RegistrySite
     from tests.unit.fakes import make_proxy as _mk
 
     _, agent, _, _ = _mk(h.registry)
@@ -214,14 +220,19 @@ def test_absolute_form_target_refused(h: Harness) -> None:
     assert isinstance(agent._serverFactory, RegistrySite)
 
 
-def test_cors_and_preflight(h: Harness) -> None:
-    """Every answer allows any origin; OPTIONS is a 204 preflight."""
-    r, _ = h.request("OPTIONS", "/v2/x/manifests/latest")
+def test_cors_only_for_configured_origins() -> None:
+    """A configured origin gets CORS answers and preflights; any other origin gets none."""
+    h = Harness(settings=Settings(cors_origins=frozenset({"https://ui.example"})))
+    ui = {b"Origin": [b"https://ui.example"]}
+    r, _ = h.request("OPTIONS", "/v2/x/manifests/latest", headers=ui)
     assert r.code == 204
-    assert r.headers.getRawHeaders(b"access-control-allow-origin") == [b"*"]
+    assert r.headers.getRawHeaders(b"access-control-allow-origin") == [b"https://ui.example"]
     assert b"GET" in r.headers.getRawHeaders(b"access-control-allow-methods")[0]
-    r, _ = h.request("GET", "/v2/")
-    assert r.headers.getRawHeaders(b"access-control-allow-origin") == [b"*"]
+    r, _ = h.request("GET", "/v2/", headers=ui)
+    assert r.headers.getRawHeaders(b"access-control-allow-origin") == [b"https://ui.example"]
+    assert r.headers.getRawHeaders(b"vary") == [b"Origin"]
+    r, _ = h.request("GET", "/v2/", headers={b"Origin": [b"https://evil.example"]})
+    assert not r.headers.hasHeader(b"access-control-allow-origin")
 
 
 def test_landing_page_and_health(h: Harness) -> None:

@@ -49,9 +49,9 @@ def test_parse(path: str, route: Route) -> None:
     ],
 )
 def test_parse_errors(path: str, code: str) -> None:
-    """Malformed paths raise the OCI error code that names the problem."""
+    """Malformed paths in a write raise the OCI error code that names the problem."""
     with pytest.raises(RegistryError) as e:
-        routes.parse(path)
+        routes.parse(path, b"PUT")
     assert e.value.code == code
     assert 400 <= e.value.status < 500
 

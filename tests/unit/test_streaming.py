@@ -13,8 +13,8 @@ from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 
+from regproxy.channel import RegistrySite
 from regproxy.resource import RegistryProxy
-from regproxy.tap import RegistrySite
 from regproxy.upstream import Upstream
 
 DIGEST = "sha256:" + "c" * 64
@@ -131,8 +131,18 @@ def test_paused_client_does_not_trigger_idle_timeout() -> None:
     channel, down, response, clock = start_download()
     response.protocol.dataReceived(b"x")
     down.producer.pauseProducing()
-    clock.advance(500)
+    clock.advance(119)
     assert response.transport.producerState == "paused"
+
+
+def test_client_that_never_reads_is_dropped() -> None:
+    """A client that leaves its download unread past --client-timeout is dropped and the upstream closed."""
+    channel, down, response, clock = start_download()
+    response.protocol.dataReceived(b"x")
+    down.producer.pauseProducing()
+    clock.advance(121)
+    assert response.transport.producerState == "stopped"
+    assert down.disconnecting
 
 
 class RecordingConsumer:
@@ -201,6 +211,9 @@ def test_upload_over_limit_is_413_without_upstream() -> None:
     assert down.value().startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 413")
     assert b"SIZE_INVALID" in down.value()
     assert b"connection: close" in down.value().lower()
+    # The rest of the body is read and dropped before closing, so the client reads the 413.
+    assert not down.disconnecting
+    channel.dataReceived(b"x" * 900)
     assert down.disconnecting
 
 
@@ -211,7 +224,11 @@ def test_bad_upload_name_answered_cleanly_with_body_in_flight() -> None:
     channel.dataReceived(b"PATCH /v2/BAD/blobs/uploads/u1 HTTP/1.1\r\nHost: p\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
     clock.advance(0)
     assert down.value().startswith(b"HTTP/1.1 400") and b"NAME_INVALID" in down.value()
-    assert down.disconnecting and agent.bodies == []
+    assert agent.bodies == []
+    channel.dataReceived(b"5\r\nworld\r\n")
+    assert not down.disconnecting
+    clock.advance(2)  # linger: closed once the client has been silent a moment
+    assert down.disconnecting
 
 
 def test_small_bodies_are_not_streamed() -> None:

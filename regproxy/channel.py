@@ -1,0 +1,256 @@
+"""The HTTP server side: one channel per client connection, one site for them all.
+
+What twisted.web's own channel and site leave open for a server on the internet
+is closed here: TLS spoken to the plain port, headers trickled in for ever
+(slowloris), a flood of connections, and an answer given before the request
+body was read (which the client must still be able to read).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from twisted.internet.interfaces import IAddress, IDelayedCall
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Site
+
+from .errors import error_body
+from .upload import StreamingRequest
+
+
+def _raw_answer(status: bytes, code: str, message: str, extra: bytes = b"") -> bytes:
+    body = error_body(code, message)
+    return (
+        b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\nConnection: close\r\n" + extra
+        + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+
+class RegistryChannel(HTTPChannel):
+    """An HTTP/1.1 channel hardened for a public port.
+
+    * TLS spoken to the plain-HTTP port is turned away at once: dockerd, skopeo
+      and podman try C{https://} first on an insecure registry and fall back
+      to C{http://} only when that fails; a ClientHello sitting unanswered costs
+      them a 10 s handshake timeout per request, an immediate plain-HTTP 400
+      makes them fall back straight away, as the distribution registry does.
+    * A request's head must be complete within C{header_timeout} seconds of its
+      first byte: the channel's idle timeout alone is reset by every trickled byte.
+    * When the answer came before the whole request body (a 413, an early 401 on
+      an upload), closing at once would make the client's kernel reset the
+      connection while it is still sending, and the client would never read the
+      answer. The rest of the body is read and dropped for a while first
+      (nginx's "lingering close").
+    """
+
+    log = Logger()
+    _first = True
+    _header_timer: IDelayedCall | None = None
+    _awaiting_head = True
+    _lingering: IDelayedCall | None = None
+    _linger_deadline = 0.0
+    _linger_left: int | None = None
+
+    @property
+    def _settings(self) -> ChannelLimits:
+        limits: ChannelLimits | None = getattr(getattr(self, "site", None), "limits", None)
+        return limits if limits is not None else _DEFAULT_LIMITS
+
+    def _now(self) -> float:
+        clock: Any = getattr(getattr(self, "site", None), "reactor", None)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        return float(clock.seconds())
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._lingering is not None:
+            self._drop_lingering(data)
+            return
+        if self._first and data:
+            self._first = False
+            if data[0] == 0x16:  # TLS record type "handshake"
+                self.transport.write(  # type: ignore[union-attr]
+                    _raw_answer(b"400 Bad Request", "UNSUPPORTED", "this port speaks plain HTTP, not TLS")
+                )
+                self.transport.loseConnection()  # type: ignore[union-attr]
+                return
+        if self._awaiting_head and self._header_timer is None and data and self._settings.header_timeout:
+            self._header_timer = self.callLater(self._settings.header_timeout, self._head_too_slow)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._awaiting_head = False
+        if self._header_timer is not None:
+            if self._header_timer.active():
+                self._header_timer.cancel()
+            self._header_timer = None
+        super().allHeadersReceived()
+
+    def _head_too_slow(self) -> None:
+        self._header_timer = None
+        self.log.info(
+            "dropping {peer}: request head not complete within {seconds}s",
+            peer=str(self.transport.getPeer()),  # type: ignore[union-attr]
+            seconds=self._settings.header_timeout,
+        )
+        self.transport.write(  # type: ignore[union-attr]
+            _raw_answer(b"408 Request Timeout", "UNSUPPORTED", "request head took too long")
+        )
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def requestDone(self, request: Any) -> None:
+        pending = getattr(request, "body_pending", None)
+        if not self.persistent and pending is not None and pending():
+            upload = getattr(request, "upload", None)
+            known = getattr(upload, "length", None)
+            if isinstance(known, int) and upload is not None:
+                self._linger_left = max(known - upload.received, 0)
+            self._start_linger()
+        else:
+            self._awaiting_head = True
+        super().requestDone(request)
+
+    def _start_linger(self) -> None:
+        limits = self._settings
+        self._linger_deadline = self._now() + limits.linger_time
+        self._lingering = self.callLater(limits.linger_idle, self._end_linger)
+
+    def loseConnection(self) -> None:
+        if self._lingering is not None:
+            # requestDone closes a non-persistent channel: not yet, we are lingering.
+            self._networkProducer.unregisterProducer()  # type: ignore[attr-defined]
+            return
+        super().loseConnection()
+
+    def _drop_lingering(self, data: bytes) -> None:
+        if self._linger_left is not None:
+            self._linger_left -= len(data)
+            if self._linger_left <= 0:
+                self._end_linger()
+                return
+        remaining = self._linger_deadline - self._now()
+        if remaining <= 0:
+            self._end_linger()
+        elif self._lingering is not None and self._lingering.active():
+            self._lingering.reset(min(self._settings.linger_idle, remaining))
+
+    def _end_linger(self) -> None:
+        timer, self._lingering = self._lingering, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        for timer in (self._header_timer, self._lingering):
+            if timer is not None and timer.active():
+                timer.cancel()
+        self._header_timer = self._lingering = None
+        self._release()
+        super().connectionLost(reason)
+
+    _release_key: str | None = None
+
+    def _release(self) -> None:
+        key, self._release_key = self._release_key, None
+        if key is not None:
+            connections = getattr(getattr(self, "site", None), "connections", None)
+            if connections is not None:
+                connections.release(key)
+
+
+class ChannelLimits:
+    """Per-connection limits (seconds, counts); see C{twist regproxy --help}."""
+
+    def __init__(
+        self,
+        header_timeout: float = 30.0,
+        linger_idle: float = 2.0,
+        linger_time: float = 30.0,
+        max_connections: int = 4096,
+        max_connections_per_client: int = 0,
+    ) -> None:
+        self.header_timeout = header_timeout
+        self.linger_idle = linger_idle
+        self.linger_time = linger_time
+        self.max_connections = max_connections
+        self.max_connections_per_client = max_connections_per_client
+
+
+_DEFAULT_LIMITS = ChannelLimits()
+
+
+class ConnectionCounter:
+    """Open connections, in total and per client address."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.per_client: Counter[str] = Counter()
+
+    def admit(self, key: str, limits: ChannelLimits) -> str | None:
+        """Count a new connection in, or say why it is refused."""
+        if limits.max_connections and self.total >= limits.max_connections:
+            return "the proxy has too many connections open"
+        if limits.max_connections_per_client and self.per_client[key] >= limits.max_connections_per_client:
+            return "too many connections from your address"
+        self.total += 1
+        self.per_client[key] += 1
+        return None
+
+    def release(self, key: str) -> None:
+        self.total -= 1
+        self.per_client[key] -= 1
+        if self.per_client[key] <= 0:
+            del self.per_client[key]
+
+
+class _Refuse(Protocol):
+    """Says 503 with Retry-After and hangs up: for a connection over the limits."""
+
+    def __init__(self, reason: str) -> None:
+        self._reason = reason
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.write(_raw_answer(b"503 Service Unavailable", "TOOMANYREQUESTS", self._reason, b"Retry-After: 5\r\n"))
+        self.transport.loseConnection()
+
+
+class RegistrySite(Site):
+    """A Site that speaks HTTP/1.1 only, logs through the resource, and counts connections.
+
+    HTTP/2 is kept out on purpose: the streaming pipe is built and tested on
+    HTTP/1.1 channels. The access log comes from the resource, so twisted.web's
+    own combined-log line is switched off.
+    """
+
+    requestFactory = StreamingRequest
+    protocol = RegistryChannel  # type: ignore[assignment]  # HTTP/1.1 only: no _GenericHTTPChannelProtocol needed
+    #: Read by L{StreamingRequest}: the largest upload body accepted, 0 for no limit.
+    max_upload_size = 0
+    log_refusals = Logger()
+
+    def __init__(self, resource: Any, *args: Any, limits: ChannelLimits | None = None, **kwargs: Any) -> None:
+        super().__init__(resource, *args, **kwargs)
+        self.limits = limits or ChannelLimits()
+        self.connections = ConnectionCounter()
+
+    def buildProtocol(self, addr: IAddress | None) -> Any:
+        key = str(getattr(addr, "host", "?"))
+        refused = self.connections.admit(key, self.limits)
+        if refused is not None:
+            self.log_refusals.warn("refusing a connection from {client}: {reason}", client=key, reason=refused)
+            return _Refuse(refused)
+        channel = super().buildProtocol(addr)
+        channel._release_key = key
+        return channel
+
+    def acceptableProtocols(self) -> list[bytes]:
+        return [b"http/1.1"]
+
+    def log(self, request: object) -> None:
+        pass
