@@ -46,10 +46,16 @@ def ssl_context(ca_pem: Path) -> ssl.SSLContext:
 
 
 class UpstreamClient:
-    """Blocking client for the registry (with admin tokens minted by ``token_for``) and the CDN."""
+    """Blocking client for the registry (with admin tokens minted by ``token_for``) and the CDN.
+
+    ``token_for`` None is for a registry without auth: no Authorization is ever added.
+    """
 
     def __init__(
-        self, registry_url: str, ca_pem: Path, token_for: Callable[[list[str]], str]
+        self,
+        registry_url: str,
+        ca_pem: Path,
+        token_for: Callable[[list[str]], str] | None,
     ) -> None:
         self.registry_url = registry_url
         self.context = ssl_context(ca_pem)
@@ -89,7 +95,7 @@ class UpstreamClient:
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         hdrs = dict(headers or {})
         lower = {k.lower() for k in hdrs}
-        if auth and "authorization" not in lower:
+        if auth and self._token_for is not None and "authorization" not in lower:
             wanted = scopes if scopes is not None else scopes_for_path(parts.path)
             hdrs["Authorization"] = "Bearer " + self._token_for(wanted)
         if "/manifests/" in parts.path and "accept" not in lower:

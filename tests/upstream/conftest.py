@@ -1,8 +1,8 @@
-"""Makes the ``hub`` fixture available to tests in this directory.
+"""Makes the ``hub``, ``ghcr`` and ``company`` fixtures available to tests in this directory.
 
 The ``slow`` marker is registered in the project's pytest.ini.
 """
 
 from __future__ import annotations
 
-from tests.upstream.fixtures import hub  # noqa: F401
+from tests.upstream.fixtures import company, ghcr, hub  # noqa: F401

@@ -1,17 +1,21 @@
-"""A Docker-Hub-like upstream on loopback: registry + token server + CDN, all HTTPS.
+"""Test upstreams on loopback, all HTTPS: the Docker-Hub-like one and the machinery behind it.
 
-Docker Hub's shape, which regproxy must cope with, is reproduced with real servers
-rather than mocks:
+:class:`Registry` runs the distribution registry (``docker-registry``), optionally
+with its own token server and an nginx "CDN", and seeds it.  :class:`Hub` is the
+Docker Hub stand-in built from it; Docker Hub's shape, which regproxy must cope with,
+is reproduced with real servers rather than mocks:
 
-* the distribution registry (``docker-registry``) with token auth, so clients get a
+* the distribution registry with token auth, so clients get a
   ``WWW-Authenticate: Bearer`` challenge and must fetch scoped JWTs;
 * a token server (:mod:`tests.upstream.tokenserver`) with Hub's policy: anonymous pull
   except ``private/``, GET and OAuth2 POST flavours, refresh tokens;
 * nginx as the blob CDN: the registry's redirect middleware answers blob GETs with a
   307 to it, and like an S3 presigned URL it rejects requests carrying Authorization.
 
-Each runs as its own process group and is killed on :meth:`Hub.stop`, on a failed
-:meth:`Hub.start` and at interpreter exit.
+The other shapes (a ghcr.io-like registry with its own realm, a company registry
+without auth) are in :mod:`tests.upstream.registries`.  Each component runs as its own
+process group and is killed on :meth:`Registry.stop`, on a failed
+:meth:`Registry.start` and at interpreter exit.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import atexit
 import json
 import os
 import platform
+import re
 import secrets
 import shutil
 import signal
@@ -27,11 +32,13 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
+from urllib.parse import parse_qs, urlsplit
 
 from tests.upstream import images as img
 from tests.upstream.client import Response, UpstreamClient
@@ -127,25 +134,126 @@ class _Proc:
             self._log_file = None
 
 
-class Hub:
-    """Docker Hub stand-in: ``with Hub(workdir) as hub: ...`` or ``start()``/``stop()``.
+#: One access-log line of the registry: gorilla/handlers' Apache "combined" format,
+#: ``127.0.0.1 - - [01/Dec/2026:09:08:39 +0000] "GET /v2/ HTTP/1.1" 401 87 "" ""``.
+#: The target is the raw request URI (query included); referer and user agent are
+#: quoted with backslash escapes.  The logrus lines (``time=... level=...``) that share
+#: the log never match.
+_ACCESS_LINE = re.compile(
+    r"^(?P<remote>\S+) \S+ (?P<user>\S+) \[(?P<time>[^\]]+)\] "
+    r'"(?P<method>[A-Z]+) (?P<target>\S+) (?P<proto>[^"]*)" '
+    r"(?P<status>\d{3}) (?P<bytes>\d+|-) "
+    r'"(?P<referer>(?:[^"\\]|\\.)*)" "(?P<user_agent>(?:[^"\\]|\\.)*)"$'
+)
 
-    After :meth:`start` the small images are seeded (see :attr:`images`); call
-    :meth:`seed_big` for the 1 GiB one.  Helpers (:meth:`get`, :meth:`head`,
-    :meth:`blob_digest`) talk to the upstream directly with an admin token minted
-    locally, so they never appear in :meth:`token_log`.
+
+_ESCAPE = re.compile(r'\\(x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8}|[abfnrtv"\\])')
+_CONTROL = {"a": "\a", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+
+
+def _unquote(text: str) -> str:
+    """Undo gorilla's ``appendQuoted``: Go-style escapes (``\\"``, ``\\\\``, ``\\xHH``, ...)."""
+
+    def one(m: re.Match[str]) -> str:
+        esc = m.group(1)
+        if esc[0] in "xuU":
+            return chr(int(esc[1:], 16))
+        return _CONTROL.get(esc, esc)
+
+    return _ESCAPE.sub(one, text)
+
+
+def parse_access_line(line: str) -> dict[str, Any] | None:
+    """One registry access-log line as a dict, or None for any other log line.
+
+    Keys: ``method``, ``target`` (raw request URI), ``path`` (without the query),
+    ``query`` (parsed, values are lists), ``status`` and ``bytes`` (ints), ``proto``,
+    ``remote``, ``time`` (as logged, second resolution), ``user_agent``, ``referer``.
+    """
+    m = _ACCESS_LINE.match(line.rstrip("\r\n"))
+    if m is None:
+        return None
+    target = _unquote(m.group("target"))
+    parts = urlsplit(target)
+    size = m.group("bytes")
+    return {
+        "method": m.group("method"),
+        "target": target,
+        "path": parts.path,
+        "query": parse_qs(parts.query, keep_blank_values=True),
+        "status": int(m.group("status")),
+        "bytes": 0 if size == "-" else int(size),
+        "proto": m.group("proto"),
+        "remote": m.group("remote"),
+        "time": m.group("time"),
+        "user_agent": _unquote(m.group("user_agent")),
+        "referer": _unquote(m.group("referer")),
+    }
+
+
+#: ``seed=`` of :class:`Registry`: True = the class's :meth:`Registry.seed_images`,
+#: False = nothing, or a callable run with the started registry (it may
+#: :meth:`Registry.push`).
+Seed = bool | Callable[["Registry"], object]
+
+
+class Registry:
+    """A distribution registry on loopback: ``with Registry(workdir) as r: ...`` or ``start()``/``stop()``.
+
+    What it runs is set by class attributes (subclasses such as :class:`Hub` pick
+    theirs), each overridable per instance by the keyword of the same name:
+
+    * ``token_auth``: a token server of its own (:mod:`tests.upstream.tokenserver`,
+      with the policy of :mod:`tests.upstream.tokens`) signing for ``service`` as
+      ``issuer``, at ``token_path``; without it the registry has no auth at all;
+    * ``cdn``: blob GET/HEAD answered with a 307 to an nginx serving the storage, which
+      rejects requests carrying Authorization; without it the registry serves blobs;
+    * ``seed``: what to push once it is up (see :data:`Seed`).
+
+    Each instance makes its own PKI under ``workdir/pki`` (CA in :attr:`ca_pem`).
+    Helpers (:meth:`get`, :meth:`head`, :meth:`blob_digest`) talk to the registry
+    directly, with an admin token minted locally when there is auth, so they never
+    appear in :meth:`token_log` (they do appear in :meth:`registry_requests`).
     """
 
+    #: The ``service`` of the Bearer challenge and the tokens' ``aud``; "" without auth.
     service = "registry.test"
     issuer = "regproxy-test-auth"
+    token_path = "/token"
+    token_auth = True
+    cdn = False
+    #: Used in error messages.
+    label = "registry"
 
     def __init__(
-        self, workdir: Path, *, seed: bool = True, startup_timeout: float = 20.0
+        self,
+        workdir: Path,
+        *,
+        seed: Seed = True,
+        startup_timeout: float = 20.0,
+        service: str | None = None,
+        issuer: str | None = None,
+        token_path: str | None = None,
+        token_auth: bool | None = None,
+        cdn: bool | None = None,
     ) -> None:
         self.workdir = Path(workdir)
-        self.seed_on_start = seed
+        if service is not None:
+            self.service = service
+        if issuer is not None:
+            self.issuer = issuer
+        if token_path is not None:
+            self.token_path = token_path
+        if token_auth is not None:
+            self.token_auth = token_auth
+        if cdn is not None:
+            self.cdn = cdn
+        if not self.token_auth:
+            self.service = ""
+        self.seed_on_start = bool(seed)
+        self._seed: Seed = seed
         self.startup_timeout = startup_timeout
-        self.users: dict[str, str] = dict(USERS)
+        self.users: dict[str, str] = dict(USERS) if self.token_auth else {}
         self.platform = host_platform()
         self.images: dict[str, SeededImage] = {}
         self.storage_dir = self.workdir / "registry" / "storage"
@@ -155,6 +263,7 @@ class Hub:
         self.cdn_log_path = self.workdir / "cdn" / "access.log"
         self.cdn_error_log_path = self.workdir / "cdn" / "error.log"
         self.registry_url = ""
+        #: The realm of the Bearer challenge; "" without auth.
         self.token_realm = ""
         self.cdn_url = ""
         self.ca_pem = self.workdir / "pki" / "ca.pem"
@@ -178,7 +287,7 @@ class Hub:
         self.stop()
 
     def start(self) -> Self:
-        """Start token server, CDN and registry, wait until each answers, then seed."""
+        """Start token server, CDN and registry (those configured), wait until each answers, then seed."""
         if self._started:
             return self
         atexit.register(self.stop)
@@ -189,25 +298,34 @@ class Hub:
             self.storage_dir.mkdir(parents=True, exist_ok=True)
             self._pki = make_pki(self.workdir / "pki")
             self.ca_pem = self._pki.ca_cert
-            self._signer = Signer.from_files(
-                self._pki.token_key, self._pki.token_cert, self.issuer, self.service
-            )
-            token_proc = self._spawn_token_server()
-            self._start_with_port_retry(self._spawn_cdn)
-            token_port = self._wait_port_file(
-                token_proc, self.workdir / "token" / "port"
-            )
-            self.token_realm = f"https://127.0.0.1:{token_port}/token"
+            token_proc: _Proc | None = None
+            if self.token_auth:
+                self._signer = Signer.from_files(
+                    self._pki.token_key, self._pki.token_cert, self.issuer, self.service
+                )
+                token_proc = self._spawn_token_server()
+            if self.cdn:
+                self._start_with_port_retry(self._spawn_cdn)
+            token_base = ""
+            if token_proc is not None:
+                token_port = self._wait_port_file(
+                    token_proc, self.workdir / "token" / "port"
+                )
+                token_base = f"https://127.0.0.1:{token_port}"
+                self.token_realm = token_base + self.token_path
             self._client = UpstreamClient(
-                "https://127.0.0.1:1", self.ca_pem, self._admin_token_for
+                "https://127.0.0.1:1",
+                self.ca_pem,
+                self._admin_token_for if self.token_auth else None,
             )
             self._start_with_port_retry(self._spawn_registry)
             self._client.registry_url = self.registry_url
-            self._wait_http(
-                token_proc, self.token_realm.replace("/token", "/healthz"), 200
-            )
-            if self.seed_on_start:
-                self._seed_small()
+            if token_proc is not None:
+                self._wait_http(token_proc, token_base + "/healthz", 200)
+            if self._seed is True:
+                self.seed_images()
+            elif callable(self._seed):
+                self._seed(self)
         except BaseException:
             self.stop()
             raise
@@ -244,7 +362,7 @@ class Hub:
             [str(REPO_ROOT), env.get("PYTHONPATH", "")]
         ).rstrip(os.pathsep)
         return self._spawn(
-            "token server",
+            f"{self.label}: token server",
             [
                 sys.executable,
                 "-m",
@@ -261,6 +379,8 @@ class Hub:
                 self.issuer,
                 "--service",
                 self.service,
+                "--path",
+                self.token_path,
                 "--log",
                 str(self.token_log_path),
                 "--port-file",
@@ -332,7 +452,7 @@ http {{
         conf_path.write_text(conf)
         self.cdn_url = f"https://127.0.0.1:{port}"
         proc = self._spawn(
-            "cdn (nginx)",
+            f"{self.label}: cdn (nginx)",
             [
                 NGINX_BIN,
                 "-p",
@@ -351,10 +471,9 @@ http {{
         )
         return proc
 
-    def _spawn_registry(self) -> _Proc:
+    def registry_config(self, port: int) -> dict[str, Any]:
+        """The registry's config (written as JSON, which is valid YAML)."""
         assert self._pki is not None
-        port = free_port()
-        self.registry_url = f"https://127.0.0.1:{port}"
         config: dict[str, Any] = {
             "version": "0.1",
             "log": {
@@ -377,29 +496,38 @@ http {{
                 },
                 "headers": {"X-Content-Type-Options": ["nosniff"]},
             },
-            "auth": {
+            "health": {"storagedriver": {"enabled": False}},
+        }
+        if self.token_auth:
+            config["auth"] = {
                 "token": {
                     "realm": self.token_realm,
                     "service": self.service,
                     "issuer": self.issuer,
                     "rootcertbundle": str(self._pki.token_cert),
                 }
-            },
-            "middleware": {
+            }
+        if self.cdn:
+            config["middleware"] = {
                 "storage": [{"name": "redirect", "options": {"baseurl": self.cdn_url}}]
-            },
-            "health": {"storagedriver": {"enabled": False}},
-        }
+            }
+        return config
+
+    def _spawn_registry(self) -> _Proc:
+        port = free_port()
+        self.registry_url = f"https://127.0.0.1:{port}"
         conf_path = self.workdir / "registry" / "config.yml"
-        conf_path.write_text(json.dumps(config, indent=2))  # JSON is valid YAML
+        conf_path.write_text(json.dumps(self.registry_config(port), indent=2))
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
         proc = self._spawn(
-            "registry",
+            f"{self.label}: registry",
             [REGISTRY_BIN, "serve", str(conf_path)],
             self.registry_log_path,
             env,
         )
-        self._wait_http(proc, self.registry_url + "/v2/", 401)
+        self._wait_http(
+            proc, self.registry_url + "/v2/", 401 if self.token_auth else 200
+        )
         return proc
 
     def _start_with_port_retry(
@@ -435,7 +563,7 @@ http {{
         self, proc: _Proc, url: str, expect: int | None, extra_log: Path | None = None
     ) -> None:
         """Poll ``url`` until it answers (``expect`` status, or any if None)."""
-        client = UpstreamClient(url, self.ca_pem, self._admin_token_for)
+        client = UpstreamClient(url, self.ca_pem, None)
         deadline = time.monotonic() + self.startup_timeout
         last: object = None
         while time.monotonic() < deadline:
@@ -459,6 +587,9 @@ http {{
 
     # -- seeding -------------------------------------------------------------
 
+    def seed_images(self) -> None:
+        """What ``seed=True`` pushes at start; subclasses define their images."""
+
     def push(self, image: SeededImage) -> SeededImage:
         """Push an image (children and blobs first) and record it in :attr:`images`."""
         client = self.client
@@ -480,7 +611,142 @@ http {{
         self.images[image.reference] = image
         return image
 
-    def _seed_small(self) -> None:
+    # -- helpers for tests ---------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        """``127.0.0.1:PORT`` of the registry, for image references."""
+        return urlsplit(self.registry_url).netloc
+
+    @property
+    def client(self) -> UpstreamClient:
+        """The direct (proxy-bypassing) client; ``request(..., auth=False)`` works for any URL."""
+        if self._client is None:
+            raise RuntimeError(f"{self.label} not started")
+        return self._client
+
+    def _admin_token_for(self, scopes: list[str]) -> str:
+        return self.admin_token(*scopes)
+
+    def admin_token(self, *scopes: str) -> str:
+        """A registry token for ``admin`` granting exactly ``scopes`` (minted locally)."""
+        if not self.token_auth:
+            raise RuntimeError(f"{self.label} has no token auth")
+        if self._signer is None:
+            raise RuntimeError(f"{self.label} not started")
+        parsed = [s for s in (Scope.parse(x) for x in scopes) if s is not None]
+        return self._signer.sign("admin", parsed)
+
+    def get(
+        self, path: str, headers: Mapping[str, str] | None = None, *, auth: bool = True
+    ) -> Response:
+        """GET from the registry with an admin token (scoped from the path); no redirects followed."""
+        return self.client.request("GET", path, headers, auth=auth)
+
+    def head(
+        self, path: str, headers: Mapping[str, str] | None = None, *, auth: bool = True
+    ) -> Response:
+        """HEAD counterpart of :meth:`get`."""
+        return self.client.request("HEAD", path, headers, auth=auth)
+
+    def delete(self, path: str, headers: Mapping[str, str] | None = None) -> Response:
+        """DELETE with an admin token (delete is enabled in the registry)."""
+        return self.client.request("DELETE", path, headers)
+
+    def blob_digest(self, repository: str, digest: str) -> str:
+        """Stream a blob from upstream (via the CDN redirect if any) and return its sha256 digest."""
+        return self.client.blob_digest(repository, digest)
+
+    @staticmethod
+    def _jsonl(path: Path) -> list[dict[str, Any]]:
+        if not path.exists():
+            return []
+        return [
+            json.loads(line) for line in path.read_text().splitlines() if line.strip()
+        ]
+
+    def token_log(self) -> list[dict[str, Any]]:
+        """Requests the token server saw: method, path, query, form, authorization, username, scopes.
+
+        Empty without token auth.
+        """
+        return self._jsonl(self.token_log_path)
+
+    def cdn_log(self) -> list[dict[str, Any]]:
+        """Requests the CDN saw: method, uri, status, bytes, authorization (bool), range.
+
+        Empty without a CDN.
+        """
+        return self._jsonl(self.cdn_log_path)
+
+    def registry_log(self) -> str:
+        """The registry's raw log (access log lines included)."""
+        return (
+            self.registry_log_path.read_text(errors="replace")
+            if self.registry_log_path.exists()
+            else ""
+        )
+
+    def registry_requests(self) -> list[dict[str, Any]]:
+        """Every request the registry logged, oldest first (see :func:`parse_access_line`).
+
+        The registry writes a line once its handler has returned, which can be just
+        after the client read the whole response: use :meth:`wait_registry_request`
+        to wait for one.  Start-up probes and seeding are in here too, so take
+        ``len(...)`` before the action under test and look at what follows.
+        """
+        entries = (parse_access_line(line) for line in self.registry_log().splitlines())
+        return [e for e in entries if e is not None]
+
+    def registry_request_counts(self, since: int = 0) -> Counter[tuple[str, str]]:
+        """``(method, path) -> n`` over :meth:`registry_requests` from index ``since``."""
+        return Counter(
+            (e["method"], e["path"]) for e in self.registry_requests()[since:]
+        )
+
+    def wait_registry_request(
+        self,
+        method: str,
+        path: str,
+        *,
+        since: int = 0,
+        count: int = 1,
+        timeout: float = 5.0,
+    ) -> list[dict[str, Any]]:
+        """Wait until ``count`` ``method path`` requests are logged after index ``since``; return them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [
+                e
+                for e in self.registry_requests()[since:]
+                if e["method"] == method and e["path"] == path
+            ]
+            if len(found) >= count or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        if len(found) < count:
+            raise AssertionError(
+                f"{self.label} logged {len(found)} of {count} {method} {path} within {timeout}s"
+            )
+        return found
+
+
+class Hub(Registry):
+    """Docker Hub stand-in: ``with Hub(workdir) as hub: ...`` or ``start()``/``stop()``.
+
+    Token auth (service ``registry.test``, realm ``/token``) and the CDN.  After
+    :meth:`start` the small images are seeded (see :attr:`images`); call
+    :meth:`seed_big` for the 1 GiB one.
+    """
+
+    service = "registry.test"
+    issuer = "regproxy-test-auth"
+    token_path = "/token"
+    token_auth = True
+    cdn = True
+    label = "hub"
+
+    def seed_images(self) -> None:
         p = self.platform
         alpine = img.make_image(
             "library/alpine", "3.21", seed="alpine-3.21", platform=p
@@ -516,69 +782,6 @@ http {{
             "library/big", "latest", "big", [layer], self.platform, oci=False
         )
         return self.push(image)
-
-    # -- helpers for tests ---------------------------------------------------
-
-    @property
-    def client(self) -> UpstreamClient:
-        """The direct (proxy-bypassing) client; ``request(..., auth=False)`` works for any URL."""
-        if self._client is None:
-            raise RuntimeError("Hub not started")
-        return self._client
-
-    def _admin_token_for(self, scopes: list[str]) -> str:
-        return self.admin_token(*scopes)
-
-    def admin_token(self, *scopes: str) -> str:
-        """A registry token for ``admin`` granting exactly ``scopes`` (minted locally)."""
-        if self._signer is None:
-            raise RuntimeError("Hub not started")
-        parsed = [s for s in (Scope.parse(x) for x in scopes) if s is not None]
-        return self._signer.sign("admin", parsed)
-
-    def get(
-        self, path: str, headers: Mapping[str, str] | None = None, *, auth: bool = True
-    ) -> Response:
-        """GET from the registry with an admin token (scoped from the path); no redirects followed."""
-        return self.client.request("GET", path, headers, auth=auth)
-
-    def head(
-        self, path: str, headers: Mapping[str, str] | None = None, *, auth: bool = True
-    ) -> Response:
-        """HEAD counterpart of :meth:`get`."""
-        return self.client.request("HEAD", path, headers, auth=auth)
-
-    def delete(self, path: str, headers: Mapping[str, str] | None = None) -> Response:
-        """DELETE with an admin token (delete is enabled in the registry)."""
-        return self.client.request("DELETE", path, headers)
-
-    def blob_digest(self, repository: str, digest: str) -> str:
-        """Stream a blob from upstream via the CDN redirect and return its sha256 digest."""
-        return self.client.blob_digest(repository, digest)
-
-    @staticmethod
-    def _jsonl(path: Path) -> list[dict[str, Any]]:
-        if not path.exists():
-            return []
-        return [
-            json.loads(line) for line in path.read_text().splitlines() if line.strip()
-        ]
-
-    def token_log(self) -> list[dict[str, Any]]:
-        """Requests the token server saw: method, path, query, form, authorization, username, scopes."""
-        return self._jsonl(self.token_log_path)
-
-    def cdn_log(self) -> list[dict[str, Any]]:
-        """Requests the CDN saw: method, uri, status, bytes, authorization (bool), range."""
-        return self._jsonl(self.cdn_log_path)
-
-    def registry_log(self) -> str:
-        """The registry's raw log (access log lines included)."""
-        return (
-            self.registry_log_path.read_text(errors="replace")
-            if self.registry_log_path.exists()
-            else ""
-        )
 
 
 def _retag(image: SeededImage, tag: str) -> SeededImage:

@@ -2,7 +2,9 @@
 
 Run as ``python -m tests.upstream.tokenserver --port-file F --log F ...``; it binds an
 ephemeral port on 127.0.0.1, serves HTTPS and writes the port to ``--port-file`` once it
-accepts connections, so the parent never races on a pre-picked port.
+accepts connections, so the parent never races on a pre-picked port.  The endpoint is
+``/token`` unless ``--path`` names another (the ghcr.io-like upstream uses one, so a
+proxy that guesses the realm instead of reading the challenge gets a 404).
 
 Implements both flavours clients use (distribution's ``docs/spec/auth/token.md`` and
 ``oauth.md``):
@@ -41,8 +43,15 @@ class TokenServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, signer: Signer, log_path: Path, context: ssl.SSLContext) -> None:
+    def __init__(
+        self,
+        signer: Signer,
+        log_path: Path,
+        context: ssl.SSLContext,
+        token_path: str = "/token",
+    ) -> None:
         super().__init__(("127.0.0.1", 0), TokenHandler)
+        self.token_path = token_path
         # Handshake lazily in the handler thread, so one stalled client cannot
         # block accept() for everybody.
         self.socket = context.wrap_socket(
@@ -115,7 +124,7 @@ class TokenHandler(BaseHTTPRequestHandler):
             "scopes_granted": [],
         }
         try:
-            if url.path != "/token":
+            if url.path != self.server.token_path:
                 entry["status"] = 404
                 self._send_json(404, {"details": "not found"})
                 return
@@ -169,7 +178,7 @@ class TokenHandler(BaseHTTPRequestHandler):
             "scopes_granted": [],
         }
         try:
-            if url.path != "/token":
+            if url.path != self.server.token_path:
                 entry["status"] = 404
                 self._send_json(404, {"details": "not found"})
                 return
@@ -259,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         "--log", type=Path, required=True, help="JSON-lines request log"
     )
     parser.add_argument("--port-file", type=Path, required=True)
+    parser.add_argument(
+        "--path", default="/token", help="the token endpoint's path (the realm's)"
+    )
     args = parser.parse_args(argv)
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -266,12 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     signer = Signer.from_files(
         args.signing_key, args.signing_cert, args.issuer, args.service
     )
-    server = TokenServer(signer, args.log, context)
+    server = TokenServer(signer, args.log, context, args.path)
     port = server.server_address[1]
     tmp = args.port_file.with_suffix(".tmp")
     tmp.write_text(f"{port}\n")
     os.replace(tmp, args.port_file)
-    sys.stdout.write(f"token server listening on https://127.0.0.1:{port}/token\n")
+    sys.stdout.write(f"token server listening on https://127.0.0.1:{port}{args.path}\n")
     sys.stdout.flush()
     try:
         server.serve_forever(poll_interval=0.2)
