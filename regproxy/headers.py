@@ -122,12 +122,19 @@ def origin(url: str) -> tuple[str, str, int] | None:
     return scheme, parts.hostname.lower(), port or _DEFAULT_PORTS[scheme]
 
 
-def rename_path(path: str, renames: dict[str, str]) -> str:
-    """Give C{/v2/<upstream name>/...} paths the name the client used."""
+def rename_path(path: str, renames: dict[str, str], name_prefix: str = "") -> str:
+    """Give C{/v2/<upstream name>/...} paths the name the client used.
+
+    C{renames} holds the exact spellings this client used; any other name of
+    the upstream gets the registry prefix the client put before names
+    (C{ghcr.io/}), if any.
+    """
     for upstream_name, client_name in renames.items():
         prefix = f"/v2/{upstream_name}/"
-        if upstream_name != client_name and path.startswith(prefix):
+        if path.startswith(prefix):
             return f"/v2/{client_name}/" + path[len(prefix) :]
+    if name_prefix and path.startswith("/v2/") and len(path) > 4 and not path.startswith("/v2/_catalog"):
+        return "/v2/" + name_prefix + path[4:]
     return path
 
 
@@ -137,14 +144,19 @@ def rewrite_url(
     upstream_prefix: str,
     public_base: str,
     renames: dict[str, str],
+    name_prefix: str = "",
 ) -> str:
     """Make a URL the upstream handed out (Location, Link) point at the proxy.
 
     Absolute URLs at the upstream's origin become absolute URLs at C{public_base};
     relative ones stay relative. Only the path changes: the query (an upload's
-    C{_state}) is kept byte for byte. URLs for other hosts are returned as they are.
+    C{_state}) is kept byte for byte. URLs for other hosts, and URLs too
+    malformed to parse (an unbalanced C{[}), are returned as they are.
     """
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
     if parts.scheme or parts.netloc:
         if origin(url) != upstream_origin:
             return url
@@ -154,7 +166,7 @@ def rewrite_url(
     path = parts.path
     if upstream_prefix and path.startswith(upstream_prefix + "/"):
         path = path[len(upstream_prefix) :]
-    path = rename_path(path, renames)
+    path = rename_path(path, renames, name_prefix)
     path_start = url.find("//") + 2 + len(parts.netloc) if head else 0
     rest = url[path_start + len(parts.path) :]
     return head + path + rest

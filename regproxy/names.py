@@ -24,6 +24,18 @@ def is_valid_name(name: str) -> bool:
     return len(name) <= MAX_NAME_LENGTH and _NAME.fullmatch(name) is not None
 
 
+#: A registry host as the first component of a name (docker's reference grammar): host[:port].
+_DOMAIN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*(?::[0-9]{1,5})?")
+
+
+def is_valid_prefixed_name(name: str) -> bool:
+    """A repository name, possibly behind a registry host (C{ghcr.io/owner/img}, C{localhost:5000/x})."""
+    if is_valid_name(name):
+        return True
+    first, sep, rest = name.partition("/")
+    return bool(sep) and _DOMAIN.fullmatch(first) is not None and is_valid_name(rest)
+
+
 def is_valid_tag(tag: str) -> bool:
     """Whether C{tag} is a tag per the OCI grammar."""
     return _TAG.fullmatch(tag) is not None

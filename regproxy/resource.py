@@ -1,17 +1,19 @@
-"""The proxy's twisted.web resource: routing, forwarding, answering.
+"""The proxy's twisted.web resource: the boundary, and the one-way request path.
 
-C{render} is the one bridge from twisted.web to C{async def}; everything the
-proxy answers by itself is OCI error JSON, and every upstream answer is passed
-on through L{BodyPipe} with the URLs in it pointing back at the proxy.
+C{render} is the one bridge from twisted.web to C{async def}. A registry
+request then flows one way: parse (L{routing}: which upstream, which names) ->
+policy (L{policy}: client, repository, whose credentials) -> source
+(L{source}: the upstream) -> relay (L{relay}: rewrite and stream). Everything
+the proxy answers by itself is OCI error JSON; every request gets one
+access-log line, whoever answered it.
 """
 
 from __future__ import annotations
 
-import html
-import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote, unquote
+from urllib.parse import quote, unquote
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectError, DNSLookupError
@@ -21,19 +23,32 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestGenerationFailed, RequestTransmissionFailed
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
-from twisted.web.http import NO_BODY_CODES
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IResponse
+from twisted.web.iweb import IBodyProducer, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from . import errors, routes
-from .auth import rewrite_challenge, token_query
-from .headers import client_response_headers, rewrite_link, rewrite_url, upstream_request_headers
-from .names import upstream_name
-from .pipe import BodyIdleTimeout, BodyPipe
+from . import errors, landing, routes
+from .config import Network, UpstreamConfig, is_registry_name
+from .headers import client_response_headers, upstream_request_headers
+from .pipe import BodyIdleTimeout, ClientStalled
+from .policy import (
+    Credentials,
+    RateLimiter,
+    check_repository,
+    choose_credentials,
+    client_address,
+    client_allowed,
+    is_proxy_token,
+    pull_scope,
+)
+from .relay import ClientView, close_if_body_pending, gone, rewrite_headers, stream, token_path
+from .routing import NameMap, Selection, UpstreamTable
+from .source import from_upstream
+from .token import parse_request, proxy_token_document, upstream_query
 from .upload import MAX_FORM_BODY, MAX_SMALL_BODY, BytesBody, UploadBody
 from .upstream import Upstream, discard
+from .upstream.tokens import UpstreamTokens
 
 #: CORS, for configured origins only: a wildcard would let any web page read
 #: what the proxy serves to the browser's network (an intranet registry, say).
@@ -52,6 +67,8 @@ _PREFLIGHT = {
 }
 _SAFE_HOST = re.compile(rb"[A-Za-z0-9.\-]+(:[0-9]+)?|\[[0-9A-Fa-f:.]+\](:[0-9]+)?")
 _BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+#: Answered whatever the client address rules say (load balancers, probes).
+_ALWAYS_OPEN = frozenset({b"/healthz", b"/readyz"})
 
 
 @dataclass
@@ -60,6 +77,9 @@ class Exchange:
 
     upstream_status: int | None = None
     note: str = ""
+    upstream: str = "-"
+    credentials: str = "-"
+    client: str = "-"
 
 
 @dataclass
@@ -72,6 +92,21 @@ class Settings:
     client_timeout: float = 120.0
     #: Browser origins allowed to read answers (CORS); none by default.
     cors_origins: frozenset[str] = frozenset()
+    #: Client addresses allowed (all if empty), and proxies whose X-Forwarded-For is believed.
+    clients: Sequence[Network] = ()
+    trusted_proxies: Sequence[Network] = ()
+    #: Requests per second per client address (0: no limit) and the burst allowed.
+    rate_limit: float = 0.0
+    rate_burst: float = 0.0
+
+
+@dataclass
+class Served:
+    """One configured upstream at run time: its configuration, client and own tokens."""
+
+    config: UpstreamConfig
+    upstream: Upstream
+    tokens: UpstreamTokens
 
 
 class RegistryProxy(Resource):
@@ -80,11 +115,23 @@ class RegistryProxy(Resource):
     isLeaf = True
     log = Logger()
 
-    def __init__(self, upstream: Upstream, clock: IReactorTime, settings: Settings | None = None) -> None:
+    def __init__(
+        self,
+        upstreams: Upstream | Sequence[Served],
+        clock: IReactorTime,
+        settings: Settings | None = None,
+    ) -> None:
         super().__init__()
-        self._upstream = upstream
+        if isinstance(upstreams, Upstream):
+            upstreams = [Served(upstreams.config, upstreams, UpstreamTokens(upstreams, clock))]
+        self._table: UpstreamTable[Served] = UpstreamTable((s.config, s) for s in upstreams)
         self._clock = clock
         self._settings = settings or Settings()
+        self._rates = RateLimiter(self._settings.rate_limit, self._settings.rate_burst)
+
+    @property
+    def table(self) -> UpstreamTable[Served]:
+        return self._table
 
     # twisted.web boundary
 
@@ -113,20 +160,21 @@ class RegistryProxy(Resource):
 
     def _failed(self, failure: Failure, request: Request, exchange: Exchange) -> None:
         """Turn whatever went wrong into the right answer, or a dropped connection."""
-        if failure.check(CancelledError) or _gone(request):
+        if failure.check(CancelledError) or gone(request):
             exchange.note = exchange.note or "client gone"
             return
         upload = getattr(request, "upload", None)
         if upload is not None and isinstance(upload.error, errors.RegistryError):
             failure = Failure(upload.error)
-        _close_if_body_pending(request)
-        if request.startedWriting:
+        close_if_body_pending(request)
+        if request.startedWriting or failure.check(ClientStalled):
             # Headers (and maybe part of the body) are out: never finish() a short
             # body, the client must see the transfer fail.
             self.log.warn(
-                "{method} {uri}: upstream failed mid-response, dropping client: {error}",
+                "{method} {uri}: {what}, dropping client: {error}",
                 method=request.method.decode(),
                 uri=request.uri.decode("latin-1"),
+                what="client stopped reading" if failure.check(ClientStalled) else "upstream failed mid-response",
                 error=failure.getErrorMessage(),
             )
             exchange.note = "truncated"
@@ -155,13 +203,15 @@ class RegistryProxy(Resource):
         # Separate fields, so that `twist --log-format=json` gives machine-readable lines.
         self.log.info(
             '{client} "{method} {uri}" {status} {bytes} {duration:.3f}s upstream={upstream}{note}',
-            client=getattr(request.getClientAddress(), "host", "-"),
+            client=exchange.client if exchange.client != "-" else getattr(request.getClientAddress(), "host", "-"),
             method=request.method.decode("latin-1"),
             uri=request.uri.decode("latin-1"),
             status=request.code,
             bytes=request.sentLength,
             duration=self._clock.seconds() - started,
             upstream=exchange.upstream_status or "-",
+            registry=exchange.upstream,
+            credentials=exchange.credentials,
             note=f" ({exchange.note})" if exchange.note else "",
         )
 
@@ -177,13 +227,14 @@ class RegistryProxy(Resource):
             raise errors.RegistryError(
                 400, "UNSUPPORTED", "this is a registry, not a forward proxy: origin-form requests only"
             )
+        self._check_client(request, exchange, raw_path)
         if method == b"OPTIONS":
             return self._preflight(request)
         if raw_path.startswith(b"/v2"):
             try:
                 path = raw_path.decode("ascii")
             except UnicodeDecodeError:
-                raise errors.name_invalid(raw_path.decode("latin-1")) from None
+                raise errors.RegistryError(404, "NAME_UNKNOWN", "no such repository (not ASCII)") from None
             route = routes.parse(path, method)
             if method not in routes.ALLOWED_METHODS[route.kind]:
                 allow = b", ".join(sorted(routes.ALLOWED_METHODS[route.kind]))
@@ -191,15 +242,35 @@ class RegistryProxy(Resource):
                     405, "UNSUPPORTED", f"{method.decode('latin-1')} is not allowed here", headers={b"Allow": [allow]}
                 )
             return await self._registry(request, route, query, exchange)
-        if raw_path == b"/token":
+        if raw_path == b"/token" or raw_path.startswith(b"/token/"):
             if method not in (b"GET", b"POST"):
                 raise errors.unsupported("the token endpoint takes GET and POST", 405)
-            return await self._token(request, query, exchange)
-        if raw_path == b"/healthz" and method in (b"GET", b"HEAD"):
+            suffix = unquote(raw_path[len(b"/token/") :].decode("latin-1")) if raw_path != b"/token" else ""
+            return await self._token(request, suffix, query, exchange)
+        if raw_path in (b"/healthz", b"/readyz") and method in (b"GET", b"HEAD"):
             return _answer(request, 200, b"text/plain; charset=utf-8", b"ok\n")
         if raw_path == b"/" and method in (b"GET", b"HEAD"):
-            return _answer(request, 200, b"text/html; charset=utf-8", self._landing(request))
+            page = landing.render(self._table.configs, self.public_base(request))
+            return _answer(request, 200, b"text/html; charset=utf-8", page)
         raise errors.unsupported(f"nothing at {raw_path.decode('latin-1')!r}")
+
+    def _check_client(self, request: Request, exchange: Exchange, raw_path: bytes) -> None:
+        """The client's real address may use the proxy, at its rate."""
+        settings = self._settings
+        peer = str(getattr(request.getClientAddress(), "host", ""))
+        exchange.client = client_address(peer, request.requestHeaders.getRawHeaders(b"x-forwarded-for"), settings.trusted_proxies)
+        if raw_path in _ALWAYS_OPEN:
+            return
+        if not client_allowed(exchange.client, settings.clients):
+            raise errors.RegistryError(403, "DENIED", "this proxy does not serve your address")
+        wait = self._rates.retry_after(exchange.client, self._clock.seconds())
+        if wait > 0:
+            raise errors.RegistryError(
+                429,
+                "TOOMANYREQUESTS",
+                f"this proxy allows {settings.rate_limit:g} requests per second per client; slow down",
+                headers={b"Retry-After": [b"%d" % max(1, round(wait))]},
+            )
 
     def _preflight(self, request: Request) -> None:
         if request.responseHeaders.hasHeader(b"access-control-allow-origin"):
@@ -209,11 +280,17 @@ class RegistryProxy(Resource):
         request.setResponseCode(204)
         request.finish()
 
-    def public_base(self, request: Request) -> str:
-        """The URL clients use to reach the proxy: configured, or from this request."""
-        if self._settings.public_url:
-            return self._settings.public_url.rstrip("/")
-        scheme = "https" if request.isSecure() else "http"
+    def public_base(self, request: Request, by_host: bool = False) -> str:
+        """The URL clients use to reach the proxy: configured, or from this request.
+
+        A client that reached an upstream through a host name of its own must
+        come back to that name (it is what selects the upstream), so only the
+        configured scheme is used then.
+        """
+        configured = self._settings.public_url
+        if configured and not by_host:
+            return configured.rstrip("/")
+        scheme = configured.partition("://")[0] if configured else ("https" if request.isSecure() else "http")
         raw = request.getHeader(b"host")
         if raw is not None and _SAFE_HOST.fullmatch(raw) is not None:
             host = raw.decode("ascii")
@@ -222,23 +299,33 @@ class RegistryProxy(Resource):
             host = f"{getattr(address, 'host', 'localhost')}:{getattr(address, 'port', 80)}"
         return f"{scheme}://{host}"
 
+    def _view(self, request: Request, selection: Selection[Served]) -> ClientView:
+        base = self.public_base(request, selection.by_host)
+        served = selection.upstream
+        return ClientView(base, base + token_path(served.config.name, served.config.default or selection.by_host))
+
     # registry API
 
     async def _registry(self, request: Request, route: routes.Route, query: bytes, exchange: Exchange) -> None:
-        upstream = self._upstream
-        names: dict[str, str] = {}
-        up_name: str | None = None
-        if route.name is not None:
-            self._check_namespace(query)
-            up_name = upstream_name(route.name, upstream.library_prefix)
-            names[up_name] = route.name
-        if route.kind is routes.Kind.UPLOAD_START and upstream.library_prefix:
-            query = rename_mount_source(query)
-        url = upstream.url(route.upstream_path(up_name), query)
+        selection, route = self._table.select(request.getHeader(b"host"), route, query)
+        served = selection.upstream
+        upstream = served.upstream
+        exchange.upstream = served.config.name
+        check_repository(served.config, route.name)
+        if route.kind is routes.Kind.UPLOAD_START:
+            query = self._mount_source(query, selection)
+        credentials = choose_credentials(request.method, route.kind, request.requestHeaders)
+        exchange.credentials = credentials.value
+        if route.kind is routes.Kind.PING and is_proxy_token(request.getHeader(b"authorization")):
+            # The client holds the proxy's token: it is authenticated as far as the proxy cares.
+            return _answer(request, 200, b"application/json", b"{}", api_version=True)
+        url = upstream.url(route.upstream_path(route.name), query)
         headers = upstream_request_headers(request.requestHeaders)
         body = self._body(request)
         if isinstance(body, UploadBody):
-            response = await self._fetch_upload(request.method, url, headers, body)
+            if credentials is not Credentials.CLIENT:
+                headers.removeHeader(b"authorization")
+            response = await self._fetch_upload(upstream, request.method, url, headers, body)
             exchange.upstream_status = response.code
             body.answered = True
             if body.error is not None:
@@ -247,23 +334,71 @@ class RegistryProxy(Resource):
                 discard(response)
                 raise body.error
         else:
-            response, url = await upstream.fetch(request.method, url, headers, body)
+            response, _ = await from_upstream(
+                upstream,
+                served.tokens,
+                request.method,
+                url,
+                headers,
+                body,
+                credentials,
+                pull_scope(route.kind, route.name),
+            )
             exchange.upstream_status = response.code
-        await self._relay(request, response, names, url)
+        view = self._view(request, selection)
+        await stream(
+            request,
+            response,
+            rewrite_headers(response, view, selection.names, upstream.origin, upstream.prefix),
+            self._clock,
+            self._settings.idle_timeout,
+            self._settings.client_timeout,
+        )
 
-    async def _fetch_upload(self, method: bytes, url: str, headers: Headers, body: UploadBody) -> IResponse:
+    def _mount_source(self, query: bytes, selection: Selection[Served]) -> bytes:
+        """A cross-repository mount's C{from=} in the upstream's spelling; from another upstream, no mount.
+
+        A mount across two upstreams can't be done by either: the mount is not
+        attempted and the upload starts as an ordinary one (202), which the
+        distribution spec lets a registry answer to any mount it can't do.
+        """
+        if b"from=" not in query:
+            return query
+        parts = query.split(b"&")
+        out = []
+        foreign = False
+        for part in parts:
+            key, sep, value = part.partition(b"=")
+            if key == b"from" and sep:
+                name = unquote(value.decode("latin-1"))
+                first, slash, _ = name.partition("/")
+                if slash and is_registry_name(first) and not selection.by_host:
+                    found = self._table.by_name(first)
+                    if found is None or found[1] is not selection.upstream:
+                        foreign = True
+                        continue
+                renamed = selection.names.to_upstream(name)
+                part = b"from=" + quote(renamed, safe="/").encode("ascii")
+            out.append(part)
+        if foreign:
+            out = [p for p in out if not p.startswith(b"mount=")]
+        return b"&".join(out)
+
+    async def _fetch_upload(
+        self, upstream: Upstream, method: bytes, url: str, headers: Headers, body: UploadBody
+    ) -> IResponse:
         """Send a streamed upload; the response timeout runs from the end of the client's body.
 
         An upload takes as long as the client takes to send it, so the usual
         timeout can't start with the request; but once the whole body is in, an
         upstream that never answers must not hold the client forever.
         """
-        exchange = Deferred.fromCoroutine(self._upstream.fetch(method, url, headers, body, timeout=0))
+        exchange = Deferred.fromCoroutine(upstream.fetch(method, url, headers, body, timeout=0))
         timer: list[IDelayedCall] = []
 
         def start_timer(_: None) -> None:
-            if not exchange.called and self._upstream.response_timeout:
-                timer.append(self._clock.callLater(self._upstream.response_timeout, exchange.cancel))
+            if not exchange.called and upstream.response_timeout:
+                timer.append(self._clock.callLater(upstream.response_timeout, exchange.cancel))
 
         body.whole.addCallback(start_timer)
         try:
@@ -277,14 +412,6 @@ class RegistryProxy(Resource):
                 timer[0].cancel()
         return response
 
-    def _check_namespace(self, query: bytes) -> None:
-        """containerd names the registry it mirrors in C{?ns=}: serve only the ones we front."""
-        if b"ns=" not in query:
-            return
-        for key, value in parse_qsl(query.decode("latin-1")):
-            if key == "ns" and value.lower() not in self._upstream.namespaces:
-                raise errors.RegistryError(404, "NAME_UNKNOWN", f"this proxy does not mirror the registry {value!r}")
-
     def _body(self, request: Request) -> IBodyProducer | None:
         if request.method not in _BODY_METHODS:
             return None
@@ -296,144 +423,45 @@ class RegistryProxy(Resource):
         data = _small_body(request, MAX_SMALL_BODY)
         return BytesBody(data) if data else None
 
-    async def _relay(self, request: Request, response: IResponse, names: dict[str, str], source: str) -> None:
-        """Pass an upstream response on: status, rewritten headers, streamed body."""
-        upstream = self._upstream
-        base = self.public_base(request)
-        headers = client_response_headers(response.headers)
-
-        def to_client(name: str) -> str:
-            return names.get(name, name)
-
-        challenges = headers.getRawHeaders(b"www-authenticate")
-        if challenges:
-            rewritten = []
-            for value in challenges:
-                new, realm = rewrite_challenge(value.decode("latin-1"), base + "/token", to_client)
-                if realm is not None:
-                    upstream.note_challenge(realm, source)
-                rewritten.append(new.encode("latin-1"))
-            headers.setRawHeaders(b"www-authenticate", rewritten)
-
-        def url_to_client(url: str) -> str:
-            return rewrite_url(url, upstream.origin, upstream.prefix, base, names)
-
-        locations = headers.getRawHeaders(b"location")
-        if locations:
-            headers.setRawHeaders(
-                b"location", [url_to_client(v.decode("latin-1")).encode("latin-1") for v in locations]
-            )
-        links = headers.getRawHeaders(b"link")
-        if links:
-            headers.setRawHeaders(
-                b"link", [rewrite_link(v.decode("latin-1"), url_to_client).encode("latin-1") for v in links]
-            )
-        await self._stream(request, response, headers)
-
-    async def _stream(self, request: Request, response: IResponse, headers: Headers) -> None:
-        _close_if_body_pending(request)
-        request.setResponseCode(response.code, response.phrase)
-        for name, values in headers.getAllRawHeaders():
-            request.responseHeaders.setRawHeaders(name, values)
-        bodiless = request.method == b"HEAD" or response.code in NO_BODY_CODES
-        if not bodiless and response.length is not UNKNOWN_LENGTH:
-            request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % response.length])
-        elif request.method == b"HEAD":
-            # For HEAD the upstream's Content-Length is the entity's: keep it.
-            length = response.headers.getRawHeaders(b"content-length")
-            if length:
-                request.responseHeaders.setRawHeaders(b"content-length", length[-1:])
-        # An HTTP/1.0 upstream without Content-Length ends its body by closing:
-        # relay it the same way. (An HTTP/1.1 one may be chunked or not; Twisted
-        # doesn't say, so such a body is relayed chunked and dropped if its end
-        # is in doubt.)
-        close_delimited = (
-            not bodiless
-            and response.length is UNKNOWN_LENGTH
-            and tuple(response.version[1:]) == (1, 0)
-            and hasattr(request, "relay_close_delimited")
-        )
-        if close_delimited:
-            request.relay_close_delimited()  # type: ignore[attr-defined]
-        pipe = BodyPipe(
-            request, self._clock, self._settings.idle_timeout, close_delimited, self._settings.client_timeout
-        )
-        response.deliverBody(pipe)
-        await pipe.done
-        if not _gone(request):
-            request.finish()
-
     # token endpoint
 
-    async def _token(self, request: Request, query: bytes, exchange: Exchange) -> None:
-        upstream = self._upstream
-
-        def to_upstream(name: str) -> str:
-            return upstream_name(name, upstream.library_prefix)
-
+    async def _token(self, request: Request, suffix: str, query: bytes, exchange: Exchange) -> None:
+        form = _small_body(request, MAX_FORM_BODY) if request.method == b"POST" else b""
+        asked = parse_request(request.method, query, form, request.requestHeaders.hasHeader(b"authorization"))
+        selection, foreign = self._table.select_for_token(request.getHeader(b"host"), suffix, asked.repository_names)
+        served = selection.upstream
+        exchange.upstream = served.config.name
+        if not asked.credentials and asked.pull_only:
+            exchange.credentials = Credentials.PROXY.value
+            return _answer(request, 200, b"application/json", proxy_token_document(self._clock.seconds()))
+        exchange.credentials = Credentials.CLIENT.value
+        upstream = served.upstream
         realm = await upstream.token_realm()
+        names: NameMap = selection.names
         headers = upstream_request_headers(request.requestHeaders)
-        body: IBodyProducer | None = None
         if request.method == b"GET":
-            url = realm
-            if query:
-                url += ("&" if "?" in realm else "?") + token_query(query, to_upstream).decode("ascii")
+            rewritten = upstream_query(query, names.to_upstream, foreign, upstream.service)
+            url = realm + ("&" if "?" in realm else "?") + rewritten.decode("ascii") if rewritten else realm
+            body: IBodyProducer | None = None
         else:
             url = realm
-            body = BytesBody(token_query(_small_body(request, MAX_FORM_BODY), to_upstream))
+            body = BytesBody(upstream_query(form, names.to_upstream, foreign, upstream.service))
         response = await upstream.send(request.method, url, headers, body)
         exchange.upstream_status = response.code
-        await self._stream(request, response, client_response_headers(response.headers))
-
-    # landing page
-
-    def _landing(self, request: Request) -> bytes:
-        base = html.escape(self.public_base(request))
-        upstream = html.escape(self._upstream.base)
-        snippet = html.escape(json.dumps({"registry-mirrors": [self.public_base(request)]}, indent=2))
-        host = html.escape(self.public_base(request).split("://", 1)[1])
-        return (
-            "<!doctype html><html><head><meta charset='utf-8'><title>regproxy</title></head><body>"
-            f"<h1>regproxy</h1><p>A Docker/OCI registry proxy for <code>{upstream}</code>.</p>"
-            f"<p>Docker: put this in <code>/etc/docker/daemon.json</code> and restart dockerd:</p>"
-            f"<pre>{snippet}</pre>"
-            f"<p>Or pull directly: <code>docker pull {host}/library/alpine:latest</code></p>"
-            f'<p>containerd (<code>hosts.toml</code>): <code>[host."{base}"] capabilities = ["pull", "resolve"]</code></p>'
-            "<p>Health: <a href='/healthz'>/healthz</a></p></body></html>\n"
-        ).encode()
-
-
-def rename_mount_source(query: bytes) -> bytes:
-    """Give a cross-repository mount's C{from=} the upstream spelling (C{alpine} ->
-    C{library/alpine}), leaving the rest of the query byte for byte."""
-    parts = query.split(b"&")
-    for i, part in enumerate(parts):
-        key, sep, value = part.partition(b"=")
-        if key == b"from" and sep:
-            name = unquote(value.decode("latin-1"))
-            renamed = upstream_name(name, True)
-            if renamed != name:
-                parts[i] = b"from=" + quote(renamed, safe="/").encode("ascii")
-    return b"&".join(parts)
+        await stream(
+            request,
+            response,
+            client_response_headers(response.headers),
+            self._clock,
+            self._settings.idle_timeout,
+            self._settings.client_timeout,
+        )
 
 
 def _cancel_when_client_leaves(failure: Failure, work: Deferred[None]) -> Failure:
     """The client disconnected: stop the upstream exchange (and its transfer)."""
     work.cancel()
     return failure
-
-
-def _gone(request: Request) -> bool:
-    """The request is answered or its client left (twisted.web drops C{channel} then)."""
-    return bool(request.finished) or getattr(request, "channel", None) is None
-
-
-def _close_if_body_pending(request: Request) -> None:
-    """Answering before the client sent its whole body: the connection can't carry another request."""
-    pending = getattr(request, "body_pending", None)
-    if pending is not None and pending() and not _gone(request):
-        request.channel.persistent = False
-        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
 
 
 def _small_body(request: Request, limit: int) -> bytes:
@@ -448,10 +476,12 @@ def _small_body(request: Request, limit: int) -> bytes:
     return data
 
 
-def _answer(request: Request, code: int, content_type: bytes, body: bytes) -> None:
+def _answer(request: Request, code: int, content_type: bytes, body: bytes, api_version: bool = False) -> None:
     request.setResponseCode(code)
     request.responseHeaders.setRawHeaders(b"content-type", [content_type])
     request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
+    if api_version:
+        request.responseHeaders.setRawHeaders(*errors.API_VERSION_HEADER)
     request.write(body)
     request.finish()
 
@@ -477,3 +507,4 @@ def _as_registry_error(failure: Failure) -> errors.RegistryError:
 def _reason(failure: Failure) -> str:
     reasons: list[Failure] = getattr(failure.value, "reasons", []) or [failure]
     return "; ".join(r.getErrorMessage() for r in reasons)[:300]
+

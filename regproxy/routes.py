@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from . import errors
-from .names import is_valid_digest, is_valid_name, is_valid_reference
+from .names import is_valid_digest, is_valid_prefixed_name, is_valid_reference
 
 
 class Kind(Enum):
@@ -132,7 +132,7 @@ def parse(path: str, method: bytes = b"GET") -> Route:
 
 
 def _checked_name(name: str, reading: bool) -> str:
-    if not is_valid_name(name):
+    if not is_valid_prefixed_name(name):
         if reading:
             raise errors.RegistryError(404, "NAME_UNKNOWN", f"no repository {name!r} (not a valid name)")
         raise errors.name_invalid(name)

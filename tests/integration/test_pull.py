@@ -46,10 +46,18 @@ def test_challenge_over_tls_names_https_realm(proxy: ProxyProcess, hub: Hub) -> 
 
 
 def test_manifest_scope_names_client_spelling(proxy: ProxyProcess) -> None:
-    """A direct pull of 'alpine' is challenged for repository:alpine, though upstream says library/alpine."""
-    r = request("HEAD", proxy.url + "/v2/alpine/manifests/latest")
+    """A direct pull of 'alpine' with a refused token is challenged for repository:alpine, though upstream says library/alpine."""
+    r = request("HEAD", proxy.url + "/v2/alpine/manifests/latest", {"Authorization": "Bearer not-a-token"})
     assert r.status == 401
     assert 'scope="repository:alpine:pull"' in (r.header("WWW-Authenticate") or "")
+
+
+def test_anonymous_pull_of_private_repository_is_challenged(proxy: ProxyProcess) -> None:
+    """An anonymous client reading a private repository gets the rewritten challenge (the proxy's token is refused)."""
+    r = request("HEAD", proxy.url + "/v2/private/secret/manifests/latest")
+    assert r.status == 401
+    challenge = r.header("WWW-Authenticate") or ""
+    assert f'realm="{proxy.url}/token"' in challenge and 'scope="repository:private/secret:pull"' in challenge
 
 
 @pytest.mark.parametrize("name", ["library/alpine", "alpine"])

@@ -86,7 +86,7 @@ class FakeRegistry(Resource):
         if path.endswith("/blobs/uploads/"):
             request.setResponseCode(202)
             name = path[4 : -len("/blobs/uploads/")]
-            request.setHeader(b"location", f"https://registry.example/v2/{name}/blobs/uploads/u1?_state=a%2Bb%3D%3D".encode())
+            request.setHeader(b"location", f"https://{host.decode()}/v2/{name}/blobs/uploads/u1?_state=a%2Bb%3D%3D".encode())
             request.setHeader(b"docker-upload-uuid", b"u1")
             request.setHeader(b"range", b"0-0")
             return b""

@@ -60,7 +60,7 @@ def test_ping_challenge_points_at_proxy(h: Harness) -> None:
 
 def test_manifest_challenge_scope_uses_client_name(h: Harness) -> None:
     """A direct pull of 'x' gets a scope naming 'x', though upstream said library/x."""
-    r, _ = h.request("GET", "/v2/x/manifests/latest")
+    r, _ = h.request("GET", "/v2/x/manifests/latest", headers={b"Authorization": [b"Bearer stale"]})
     (value,) = r.headers.getRawHeaders(b"www-authenticate")
     assert b'scope="repository:x:pull"' in value
     assert h.registry.seen[-1].uri == b"/v2/library/x/manifests/latest"
@@ -80,7 +80,7 @@ def test_token_endpoint_forwards_all_scopes_and_credentials(h: Harness) -> None:
 
 def test_token_endpoint_discovers_realm(h: Harness) -> None:
     """Without an earlier challenge the proxy asks the upstream's /v2/ for its realm."""
-    r, _ = h.request("GET", "/token?service=fake")
+    r, _ = h.request("GET", "/token?service=fake", headers={b"Authorization": [b"Basic dTpw"]})
     assert r.code == 200
     assert [s.host[:12] for s in h.registry.seen] == [b"registry.exa", b"auth.example"]
 

@@ -31,11 +31,12 @@ def test_plugin_discoverable() -> None:
 
 def test_defaults() -> None:
     """Defaults: listen on tcp:5000, Docker Hub upstream, library/ rule decided by the upstream."""
-    options = parse()
-    assert options["listen"] == ["tcp:5000"]
-    assert options["upstream"] == "https://registry-1.docker.io"
-    assert options["library-prefix"] is None
-    assert options["max-upload-size"] == 0
+    config = parse()["config"]
+    assert config.listen == ("tcp:5000",)
+    (upstream,) = config.upstreams
+    assert upstream.url == "https://registry-1.docker.io" and upstream.name == "docker.io" and upstream.default
+    assert upstream.library_prefix is True
+    assert config.max_upload_size == 0
 
 
 def test_acceptance_command_line_spellings(tmp_path: Path) -> None:
@@ -65,9 +66,10 @@ def test_workers_share_bound_ports() -> None:
     assert any(isinstance(c, WorkerSupervisor) for c in service)
     args = worker_args(options, ["tcp:4321:interface=127.0.0.1"])
     assert args[:2] == ["--listen", "tcp:4321:interface=127.0.0.1"] and args[-1] == "--worker"
-    assert "--no-library-prefix" in args and args[args.index("--max-upload-size") + 1] == str(1 << 20)
+    assert "--no-library-prefix" in args
     reparsed = parse(*args)
-    assert reparsed["worker"] and reparsed["upstream"] == "http://127.0.0.1:1"
+    assert reparsed["worker"] and reparsed["config"].upstreams == options["config"].upstreams
+    assert reparsed["config"].max_upload_size == 1 << 20
 
 
 def test_with_port() -> None:

@@ -3,33 +3,34 @@
 The upstream is fixed by configuration: the request only supplies a path below
 it, so the proxy can never be made to dial an arbitrary host. Redirects the
 upstream answers (Docker Hub sends blob GETs to a CDN with a 307) are followed
-here, and credentials never travel to a host other than the registry.
+here, under the outbound policy, and credentials never travel to a host other
+than the registry.
+
+The relay uses the raw Twisted C{Agent}, not treq: treq always adds gzip
+decoding and a cookie jar and re-encodes URLs, and the relay must pass bytes,
+headers and URLs through exactly. treq serves the requests the proxy makes on
+its own behalf (L{regproxy.upstream.tokens}).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web.client import URI
-from twisted.web.error import SchemeNotSupported
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IPolicyForHTTPS, IResponse
-from zope.interface import implementer
+from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 
-from . import errors
-from .auth import parse_challenge
-from .headers import origin, without_credentials
-from .outbound import OutboundPolicy, PolicyResolver, ResolvingThrough
+from .. import errors
+from ..auth import Challenge, parse_challenge
+from ..config import UpstreamConfig, single_upstream
+from ..headers import origin, without_credentials
+from ..outbound import OutboundPolicy
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
-DOCKER_HUB_NAMESPACES = frozenset({"docker.io", "registry-1.docker.io", "index.docker.io"})
 
 
 def ascii_url(raw: bytes) -> str:
@@ -51,66 +52,28 @@ def discard(response: IResponse) -> None:
     response.deliverBody(_Discard())
 
 
-@implementer(IAgentEndpointFactory)
-class OriginEndpoints:
-    """Endpoints for the Agent, built once per origin instead of once per request.
-
-    Building an endpoint (host name checks, TLS connection creator) showed up as
-    about 6% of the CPU of a proxied manifest request. The origins are few (the
-    upstream, its token realm, its CDN), and the cache is bounded anyway.
-    """
-
-    _MAX = 256
-
-    def __init__(
-        self, reactor: Any, policy: IPolicyForHTTPS, connect_timeout: float, outbound: OutboundPolicy | None = None
-    ) -> None:
-        self._reactor = reactor
-        self._policy = policy
-        self._timeout = connect_timeout
-        self._outbound = outbound
-        #: Origins the configuration chose (the upstream, its realm): connected to as
-        #: they resolve. Any other origin is a redirect target, whose addresses the
-        #: outbound policy filters at connect time.
-        self.trusted: set[tuple[str, str, int]] = set()
-        if outbound is not None:
-            self.trusted.add(outbound.upstream_origin)
-            self._filtered: Any = ResolvingThrough(reactor, PolicyResolver(reactor.nameResolver, outbound))
-        self._cache: dict[tuple[bytes, bytes, int, bool], IStreamClientEndpoint] = {}
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        host = uri.host.decode("ascii")
-        trusted = self._outbound is None or (uri.scheme.decode("ascii"), host.lower(), uri.port) in self.trusted
-        key = (uri.scheme, uri.host, uri.port, trusted)
-        endpoint = self._cache.get(key)
-        if endpoint is None:
-            if len(self._cache) >= self._MAX:
-                self._cache.clear()
-            reactor = self._reactor if trusted else self._filtered
-            endpoint = HostnameEndpoint(reactor, host, uri.port, timeout=self._timeout)
-            if uri.scheme == b"https":
-                endpoint = wrapClientTLS(self._policy.creatorForNetloc(uri.host, uri.port), endpoint)
-            elif uri.scheme != b"http":
-                raise SchemeNotSupported(f"unsupported scheme {uri.scheme!r}")
-            self._cache[key] = endpoint
-        return endpoint
+def policy_for(config: UpstreamConfig) -> OutboundPolicy:
+    """The outbound rules an upstream's configuration sets."""
+    return OutboundPolicy(
+        config.url,
+        realm_hosts=config.realm_hosts,
+        pinned_realm=config.realm,
+        redirect_hosts=config.redirect_hosts,
+        allow_private_redirects=config.allow_private_redirects,
+    )
 
 
 @dataclass
 class Upstream:
-    """A registry the proxy forwards to.
+    """A registry the proxy forwards to, and what it has learnt about it.
 
-    @ivar base: the upstream's base URL, e.g. C{https://registry-1.docker.io}.
-    @ivar library_prefix: whether one-component names mean C{library/<name>}.
-    @ivar namespaces: the registry host names this upstream stands for; a
-        containerd C{?ns=} outside this set is refused rather than answered
-        with another registry's content.
-    @ivar realm: the token realm, learnt from the upstream's own challenges.
+    @ivar config: the upstream's configuration.
+    @ivar realm: the token realm, pinned or learnt from the upstream's own challenges.
+    @ivar service: the C{service} its challenges name (token requests carry it).
+    @ivar scheme: the auth scheme its challenges use (C{bearer}, C{basic}), once seen.
     """
 
-    base: str
-    library_prefix: bool
-    namespaces: frozenset[str]
+    config: UpstreamConfig
     agent: IAgent
     clock: IReactorTime
     #: For requests with bodies: a fresh connection each, because a body that
@@ -119,42 +82,42 @@ class Upstream:
     body_agent: IAgent | None = None
     response_timeout: float = 60.0
     max_redirects: int = 5
-    realm: str | None = None
     policy: OutboundPolicy | None = None
     #: The endpoint factory's trusted origins, told about the realm once it is learnt.
     trusted_origins: set[tuple[str, str, int]] | None = None
+    realm: str | None = None
+    service: str | None = None
+    scheme: str | None = None
     log: Logger = field(default_factory=Logger)
 
     def __post_init__(self) -> None:
-        self.base = self.base.rstrip("/")
+        self.base = self.config.url.rstrip("/")
         found = origin(self.base)
         if found is None:
             raise ValueError(f"upstream must be an http(s) URL: {self.base!r}")
         self.origin = found
         self.prefix = urlsplit(self.base).path.rstrip("/")
         if self.policy is None:
-            self.policy = OutboundPolicy(self.base)
+            self.policy = policy_for(self.config)
         if self.policy.pinned_realm is not None:
             self._trust(self.policy.pinned_realm)
             self.realm = self.policy.pinned_realm
-
-    def _trust(self, realm: str) -> None:
-        found = origin(realm)
-        if found is not None and self.trusted_origins is not None:
-            self.trusted_origins.add(found)
+            self.scheme = "bearer"
 
     @classmethod
     def configured(
         cls, base: str, library_prefix: bool | None, agent: IAgent, clock: IReactorTime, **kw: object
     ) -> Upstream:
-        """An upstream with the defaults that follow from its URL (Docker Hub or not)."""
-        host = urlsplit(base).netloc.lower()
-        hub = host in DOCKER_HUB_NAMESPACES
-        prefix = hub if library_prefix is None else library_prefix
-        namespaces = {host, urlsplit(base).hostname or host}
-        if prefix:
-            namespaces |= DOCKER_HUB_NAMESPACES
-        return cls(base, prefix, frozenset(namespaces), agent, clock, **kw)  # type: ignore[arg-type]
+        """A single default upstream with the defaults that follow from its URL (Docker Hub or not)."""
+        return cls(single_upstream(base, library_prefix=library_prefix), agent, clock, **kw)  # type: ignore[arg-type]
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def library_prefix(self) -> bool:
+        return self.config.library_prefix
 
     def url(self, path: str, query: bytes) -> str:
         """The upstream URL for an API path and the client's raw query (kept byte-exact)."""
@@ -163,49 +126,94 @@ class Upstream:
             url += "?" + query.decode("ascii")
         return url
 
-    def note_challenge(self, realm: str, source: str) -> None:
-        """Remember the token realm named by a challenge that came from C{source}.
+    def _trust(self, realm: str) -> None:
+        found = origin(realm)
+        if found is not None and self.trusted_origins is not None:
+            self.trusted_origins.add(found)
+
+    # what the upstream's challenges teach
+
+    def note_challenges(self, values: list[bytes], source: str) -> None:
+        """Learn from the C{WWW-Authenticate} values of an answer that came from C{source}."""
+        for value in values:
+            challenge = parse_challenge(value.decode("latin-1"))
+            if challenge is not None:
+                self.note_challenge(challenge, source)
+
+    def note_challenge(self, challenge: Challenge, source: str) -> None:
+        """Remember the auth scheme, token realm and service of a challenge from C{source}.
 
         Only the configured upstream's own answers count (a CDN or any other
         redirect target has no say), only realms the outbound policy accepts, and
         never over a pinned realm.
         """
         assert self.policy is not None
-        if realm == self.realm or self.policy.pinned_realm is not None or origin(source) != self.origin:
+        if origin(source) != self.origin:
+            return
+        scheme = challenge.scheme.lower()
+        if scheme == "basic":
+            self.scheme = scheme
+            return
+        if scheme != "bearer":
+            return
+        self.scheme = scheme
+        service = challenge.get("service")
+        if service is not None and service.isascii() and service != self.service:
+            self.service = service
+        realm = challenge.get("realm")
+        if realm is None or realm == self.realm or self.policy.pinned_realm is not None:
             return
         problem = self.policy.realm_problem(realm)
         if problem is not None:
             self.log.warn(
-                "upstream {base} names the token realm {realm!r}, which is not used: {problem}",
-                base=self.base,
+                "upstream {name} names the token realm {realm!r}, which is not used: {problem}",
+                name=self.name,
                 realm=realm,
                 problem=problem,
             )
             return
-        self.log.info("upstream {base} token realm is {realm}", base=self.base, realm=realm)
+        self.log.info("upstream {name} token realm is {realm}", name=self.name, realm=realm)
         self._trust(realm)
         self.realm = realm
 
+    async def discover(self) -> str | None:
+        """Ask the upstream's C{/v2/} how it authenticates (scheme, realm, service).
+
+        @return: the realm its Bearer challenge named, trusted or not.
+        """
+        response = await self.send(b"GET", self.url("/v2/", b""), Headers(), None)
+        discard(response)
+        named = None
+        for value in response.headers.getRawHeaders(b"www-authenticate", []):
+            challenge = parse_challenge(value.decode("latin-1"))
+            if challenge is not None:
+                self.note_challenge(challenge, self.base)
+                if challenge.scheme.lower() == "bearer" and challenge.get("realm"):
+                    named = challenge.get("realm")
+        if self.scheme is None:
+            self.scheme = "unknown" if response.code == 401 else "none"
+        return named
+
     async def token_realm(self) -> str:
-        """The upstream's token realm, asking its C{/v2/} if no challenge was seen yet."""
+        """The upstream's token realm, asking its C{/v2/} if no challenge was seen yet.
+
+        @raise errors.RegistryError: it has none, or names one the proxy does not trust.
+        """
         if self.realm is None:
-            response = await self.send(b"GET", self.url("/v2/", b""), Headers(), None)
-            discard(response)
-            named = None
-            for value in response.headers.getRawHeaders(b"www-authenticate", []):
-                challenge = parse_challenge(value.decode("latin-1"))
-                if challenge and challenge.scheme.lower() == "bearer" and challenge.get("realm"):
-                    named = challenge.get("realm") or ""
-                    self.note_challenge(named, self.base)
+            named = await self.discover()
             if self.realm is None:
                 if named is not None:
                     raise errors.RegistryError(
-                        502, "UNAVAILABLE", "the upstream registry names a token realm this proxy does not trust"
+                        502,
+                        "UNAVAILABLE",
+                        f"the upstream registry {self.name} names a token realm this proxy does not trust",
                     )
                 raise errors.RegistryError(
-                    404, "UNSUPPORTED", "the upstream registry does not use token authentication"
+                    404, "UNSUPPORTED", f"the upstream registry {self.name} does not use token authentication"
                 )
         return self.realm
+
+    # requests
 
     async def send(
         self,
@@ -239,7 +247,8 @@ class Upstream:
 
         Each hop keeps C{Range}, C{Accept} and C{If-*}; a hop to another origin
         loses C{Authorization} and cookies for good (presigned blob URLs reject
-        them, and they are the registry's alone).
+        them, and they are the registry's alone). A hop the outbound policy
+        forbids is a 502, and nothing is sent there.
 
         @return: the final response and the URL it came from.
         """
@@ -250,7 +259,10 @@ class Upstream:
             if not (follow and response.code in _REDIRECTS and location):
                 return response, url
             discard(response)
-            target = urljoin(url, ascii_url(location[0]))
+            try:
+                target = urljoin(url, ascii_url(location[0]))
+            except ValueError:
+                raise errors.RegistryError(502, "UNAVAILABLE", "upstream redirected to a malformed URL") from None
             assert self.policy is not None
             problem = self.policy.redirect_problem(target)
             if problem is not None:

@@ -1,0 +1,121 @@
+"""Relay: an upstream-shaped answer, rewritten for this client and streamed to it.
+
+The answer may come from the upstream or (later) the cache: the relay doesn't
+care. It makes every URL in the headers point back at the proxy under the
+spelling the client used (challenge realm and scope, C{Location}, C{Link}),
+drops what belongs to the upstream's own domain (L{client_response_headers}),
+and streams the body through L{BodyPipe}: backpressure both ways, and a body
+that breaks off is never finished as if complete.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import quote
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.http import NO_BODY_CODES
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.server import Request
+
+from .auth import rewrite_challenge
+from .headers import client_response_headers, rewrite_link, rewrite_url
+from .pipe import BodyPipe
+from .routing import NameMap
+
+
+@dataclass(frozen=True)
+class ClientView:
+    """How the client sees the proxy: its base URL and the token realm for this upstream."""
+
+    base: str
+    token_realm: str
+
+
+def token_path(upstream_name: str, default: bool) -> str:
+    """The proxy's token endpoint for an upstream (C{/token} for the default one)."""
+    return "/token" if default else "/token/" + quote(upstream_name, safe=":")
+
+
+def rewrite_headers(
+    response: IResponse,
+    view: ClientView,
+    names: NameMap,
+    upstream_origin: tuple[str, str, int],
+    upstream_prefix: str,
+) -> Headers:
+    """The upstream answer's headers as this client must see them."""
+    headers = client_response_headers(response.headers)
+    challenges = headers.getRawHeaders(b"www-authenticate")
+    if challenges:
+        headers.setRawHeaders(
+            b"www-authenticate",
+            [rewrite_challenge(v.decode("latin-1"), view.token_realm, names.to_client)[0].encode("latin-1") for v in challenges],
+        )
+
+    def url_to_client(url: str) -> str:
+        return rewrite_url(url, upstream_origin, upstream_prefix, view.base, names.spelled, names.prefix)
+
+    locations = headers.getRawHeaders(b"location")
+    if locations:
+        headers.setRawHeaders(b"location", [url_to_client(v.decode("latin-1")).encode("latin-1") for v in locations])
+    links = headers.getRawHeaders(b"link")
+    if links:
+        headers.setRawHeaders(
+            b"link", [rewrite_link(v.decode("latin-1"), url_to_client).encode("latin-1") for v in links]
+        )
+    return headers
+
+
+def close_if_body_pending(request: Request) -> None:
+    """Answering before the client sent its whole body: the connection can't carry another request."""
+    pending = getattr(request, "body_pending", None)
+    if pending is not None and pending() and not gone(request):
+        request.channel.persistent = False
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+
+
+def gone(request: Request) -> bool:
+    """The request is answered or its client left (twisted.web drops C{channel} then)."""
+    return bool(request.finished) or getattr(request, "channel", None) is None
+
+
+async def stream(
+    request: Request,
+    response: IResponse,
+    headers: Headers,
+    clock: IReactorTime,
+    idle_timeout: float,
+    client_timeout: float,
+) -> None:
+    """Send status, headers and body; returns when the body is complete (fails if it broke off)."""
+    close_if_body_pending(request)
+    request.setResponseCode(response.code, response.phrase)
+    for name, values in headers.getAllRawHeaders():
+        request.responseHeaders.setRawHeaders(name, values)
+    bodiless = request.method == b"HEAD" or response.code in NO_BODY_CODES
+    if not bodiless and response.length is not UNKNOWN_LENGTH:
+        request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % response.length])
+    elif request.method == b"HEAD":
+        # For HEAD the upstream's Content-Length is the entity's: keep it.
+        length = response.headers.getRawHeaders(b"content-length")
+        if length:
+            request.responseHeaders.setRawHeaders(b"content-length", length[-1:])
+    # An HTTP/1.0 upstream without Content-Length ends its body by closing:
+    # relay it the same way. (An HTTP/1.1 one may be chunked or not; Twisted
+    # doesn't say, so such a body is relayed chunked and dropped if its end
+    # is in doubt.)
+    close_delimited = (
+        not bodiless
+        and response.length is UNKNOWN_LENGTH
+        and tuple(response.version[1:]) == (1, 0)
+        and hasattr(request, "relay_close_delimited")
+    )
+    if close_delimited:
+        request.relay_close_delimited()  # type: ignore[attr-defined]
+    pipe = BodyPipe(request, clock, idle_timeout, close_delimited, client_timeout)
+    response.deliverBody(pipe)
+    await pipe.done
+    if not gone(request):
+        request.finish()
