@@ -14,6 +14,7 @@ that the client can tell no more than the proxy could.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import cast
 
 from twisted.internet.defer import Deferred
@@ -49,11 +50,13 @@ class BodyPipe(Protocol):
         idle_timeout: float,
         close_delimited: bool = False,
         client_timeout: float = 0.0,
+        ended_abruptly: Callable[[], bool] | None = None,
     ) -> None:
         self._request = request
         self._clock = clock
         self._idle_timeout = idle_timeout
         self._close_delimited = close_delimited
+        self._ended_abruptly = ended_abruptly
         self._client_timeout = client_timeout
         self._timer: IDelayedCall | None = None
         #: Runs while the client has us paused: a client that never reads must
@@ -89,10 +92,13 @@ class BodyPipe(Protocol):
         self._unregister()
         if self.done.called:
             return
-        if reason.check(ResponseDone) or (self._close_delimited and reason.check(PotentialDataLoss)):
+        if reason.check(ResponseDone) or (self._close_delimited and reason.check(PotentialDataLoss) and not self._abrupt()):
             self.done.callback(None)
         else:
             self.done.errback(reason)
+
+    def _abrupt(self) -> bool:
+        return self._ended_abruptly is not None and self._ended_abruptly()
 
     def _unregister(self) -> None:
         """Stop being the request's producer (before it is finished or answered otherwise)."""

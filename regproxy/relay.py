@@ -23,6 +23,7 @@ from .auth import rewrite_challenge
 from .headers import client_response_headers, rewrite_link, rewrite_url
 from .pipe import BodyPipe
 from .routing import NameMap
+from .upstream.pool import connection_lost_abruptly
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,9 @@ async def stream(
     )
     if close_delimited:
         request.relay_close_delimited()  # type: ignore[attr-defined]
-    pipe = BodyPipe(request, clock, idle_timeout, close_delimited, client_timeout)
+    pipe = BodyPipe(
+        request, clock, idle_timeout, close_delimited, client_timeout, lambda: connection_lost_abruptly(response)
+    )
     response.deliverBody(pipe)
     await pipe.done
     if not gone(request):

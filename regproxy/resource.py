@@ -178,7 +178,11 @@ class RegistryProxy(Resource):
                 error=failure.getErrorMessage(),
             )
             exchange.note = "truncated"
-            request.loseConnection()
+            if getattr(request, "close_delimited", False) and request.channel.transport is not None:
+                # The body's end is the connection's end: only a reset says it was cut.
+                request.channel.transport.abortConnection()  # type: ignore[attr-defined]
+            else:
+                request.loseConnection()
             return
         error = _as_registry_error(failure)
         if error.code == "UNKNOWN":

@@ -16,7 +16,7 @@ from twisted.application.service import IService, MultiService
 from twisted.internet import tcp
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from . import config as configuration
 from .channel import ChannelLimits, RegistrySite
@@ -25,6 +25,7 @@ from .resource import RegistryProxy, Served, Settings
 from .tls import policy_for
 from .upstream import OriginEndpoints, Upstream
 from .upstream import policy_for as outbound_policy_for
+from .upstream.pool import QuietPool
 from .upstream.tokens import UpstreamTokens
 from .workers import Listener, WorkerSupervisor, enable_reuse_port
 
@@ -224,16 +225,6 @@ class Options(usage.Options):
                 raise ConfigError(f"--upstream-password-file: cannot read {password_file!r}: {e.strerror}") from None
             upstream = replace(upstream, username=username, password=password)
         return upstream
-
-
-class _QuietFactory(_HTTP11ClientFactory):
-    """The pool's per-connection factory, minus a log line per upstream connection."""
-
-    noisy = False
-
-
-class QuietPool(HTTPConnectionPool):
-    _factory = _QuietFactory
 
 
 def build_upstream(config: UpstreamConfig, settings: Config, tls: Any, reactor: Any) -> Served:

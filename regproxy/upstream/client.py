@@ -17,10 +17,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from urllib.parse import urljoin, urlsplit
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IResponse
 
@@ -39,6 +40,18 @@ def ascii_url(raw: bytes) -> str:
     Upstreams sometimes send raw UTF-8 in C{Location}; browsers encode it the same way.
     """
     return "".join(chr(b) if 0x20 < b < 0x7F else f"%{b:02X}" for b in raw)
+
+
+def timed_out(result: object, timeout: float) -> object:
+    """C{addTimeout}'s cancellation, as a TimeoutError however the Agent reports it.
+
+    Cancelling an Agent request that is waiting for the response head fails it
+    with C{ResponseNeverReceived([CancelledError])}, not a bare
+    C{CancelledError}, so Twisted's default conversion misses it.
+    """
+    if isinstance(result, Failure):
+        raise TimeoutError(f"no response head within {timeout:g}s")
+    return result
 
 
 class _Discard(Protocol):
@@ -232,7 +245,7 @@ class Upstream:
         d: Deferred[IResponse] = agent.request(method, url.encode("ascii"), headers, body)
         limit = self.response_timeout if timeout is None else timeout
         if limit:
-            d.addTimeout(limit, self.clock)
+            d.addTimeout(limit, self.clock, onTimeoutCancel=timed_out)
         return await d
 
     async def fetch(

@@ -22,10 +22,11 @@ from typing import Any
 
 import treq
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseNeverReceived
 
 from .. import errors
 from .client import Upstream
@@ -124,6 +125,14 @@ class UpstreamTokens:
             body = await _bounded_content(response, MAX_TOKEN_RESPONSE)
         except errors.RegistryError:
             raise
+        except (TimeoutError, CancelledError) as e:
+            raise errors.RegistryError(504, "UNAVAILABLE", f"the token server of {upstream.name} timed out") from e
+        except ResponseNeverReceived as e:
+            if all(r.check(CancelledError, TimeoutError) for r in e.reasons):
+                raise errors.RegistryError(504, "UNAVAILABLE", f"the token server of {upstream.name} timed out") from e
+            raise errors.RegistryError(
+                502, "UNAVAILABLE", f"the token server of {upstream.name} is unreachable: {e}"
+            ) from e
         except Exception as e:
             raise errors.RegistryError(
                 502, "UNAVAILABLE", f"the token server of {upstream.name} is unreachable: {e}"

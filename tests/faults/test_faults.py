@@ -131,12 +131,6 @@ def test_http10_close_delimited_cut_with_fin_is_relayed_close_delimited(hostile:
     hostile.after_fault("http/1.0 close-delimited fin")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: an HTTP/1.0 close-delimited body cut by an upstream RST is relayed as a clean close-delimited "
-    "end (the client reads the 300000 bytes, then a FIN, no error): Twisted's client reports PotentialDataLoss "
-    "for FIN and RST alike, and the proxy ends a close-delimited answer with a FIN even when it failed",
-)
 def test_http10_close_delimited_cut_with_rst_fails_the_transfer(hostile: Rig) -> None:
     """An HTTP/1.0 close-delimited body cut by an RST reaches the client as a failed transfer (reset), not a clean end."""
     [up] = hostile.upstreams
@@ -157,14 +151,8 @@ def test_http10_close_delimited_cut_with_rst_fails_the_transfer(hostile: Rig) ->
 # -- stalls ---------------------------------------------------------------------------
 
 
-STALLED_HEAD_DEFECT = (
-    "defect: an upstream (or token realm) that sends no response head gets a 502 'upstream registry unreachable: ' "
-    "(empty reason) after --response-timeout instead of a 504: Twisted's Agent turns the timeout's cancel into "
-    "ResponseNeverReceived([CancelledError]), which Deferred.addTimeout does not convert to TimeoutError"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=STALLED_HEAD_DEFECT)
 def test_stall_before_head_gives_504(hostile: Rig) -> None:
     """An upstream that never sends its head: 504 with OCI error JSON after --response-timeout (1 s)."""
     [up] = hostile.upstreams
@@ -265,7 +253,6 @@ def test_token_server_down_anonymous_pull_gives_502(token: Rig) -> None:
     token.after_fault("token server down, anonymous pull")
 
 
-@pytest.mark.xfail(strict=True, reason=STALLED_HEAD_DEFECT)
 def test_token_server_slow_gives_504(token: Rig) -> None:
     """A token realm slower than --response-timeout (1 s): the client's GET /token gets a 504 OCI error."""
     [up] = token.upstreams
