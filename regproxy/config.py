@@ -112,6 +112,9 @@ class Config:
     max_connections_per_client: int = 0
     rate_limit: float = 0.0
     rate_burst: float = 0.0
+    #: The pull-through cache's directory (none: no cache) and its size limit (0: none).
+    cache_dir: str | None = None
+    cache_max_size: int = 0
     #: The file this came from, if any (workers re-read it).
     path: str | None = None
 
@@ -243,6 +246,12 @@ def _url(table: _Table, key: str, value: str | None) -> str | None:
     return None if value is None else check_url(value, table._key(key))
 
 
+def _path(value: str | None, base: Path) -> str | None:
+    if value is None:
+        return None
+    return str(Path(value) if os.path.isabs(value) else base / value)
+
+
 def _password(table: _Table, base: Path) -> str | None:
     path = table.take("password_file", str)
     env = table.take("password_env", str)
@@ -364,6 +373,8 @@ def from_mapping(data: Mapping[str, Any], base: Path = Path("."), path: str | No
         max_connections_per_client=t.integer("max_connections_per_client", defaults.max_connections_per_client),
         rate_limit=t.number("rate_limit", defaults.rate_limit),
         rate_burst=t.number("rate_burst", defaults.rate_burst),
+        cache_dir=_path(t.take("cache_dir", str), base),
+        cache_max_size=t.size("cache_max_size", defaults.cache_max_size),
         path=path,
     )
     t.finish()

@@ -29,6 +29,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from . import errors, landing, routes
+from .cache.blobs import BlobCache, Origin, identity
+from .cache.reader import FileAnswer
 from .config import Network, UpstreamConfig, is_registry_name
 from .headers import client_response_headers, upstream_request_headers
 from .pipe import BodyIdleTimeout, ClientStalled
@@ -80,6 +82,7 @@ class Exchange:
     upstream: str = "-"
     credentials: str = "-"
     client: str = "-"
+    cache: str = "-"
 
 
 @dataclass
@@ -120,6 +123,7 @@ class RegistryProxy(Resource):
         upstreams: Upstream | Sequence[Served],
         clock: IReactorTime,
         settings: Settings | None = None,
+        cache: BlobCache | None = None,
     ) -> None:
         super().__init__()
         if isinstance(upstreams, Upstream):
@@ -128,6 +132,7 @@ class RegistryProxy(Resource):
         self._clock = clock
         self._settings = settings or Settings()
         self._rates = RateLimiter(self._settings.rate_limit, self._settings.rate_burst)
+        self._cache = cache
 
     @property
     def table(self) -> UpstreamTable[Served]:
@@ -216,6 +221,7 @@ class RegistryProxy(Resource):
             upstream=exchange.upstream_status or "-",
             registry=exchange.upstream,
             credentials=exchange.credentials,
+            cache=exchange.cache,
             note=f" ({exchange.note})" if exchange.note else "",
         )
 
@@ -337,18 +343,27 @@ class RegistryProxy(Resource):
                 # upstream made of the cut body is not the answer.
                 discard(response)
                 raise body.error
+        elif self._cache is not None and route.kind is routes.Kind.BLOB and request.method in (b"GET", b"HEAD"):
+            assert route.name is not None and route.reference is not None
+            origin = Origin(upstream, served.tokens, route.name, url, headers, credentials, pull_scope(route.kind, route.name))
+            response, exchange.cache = await self._cache.serve(origin, route.reference, request.method)
+            if not isinstance(response, FileAnswer):
+                exchange.upstream_status = response.code
         else:
+            scope = pull_scope(route.kind, route.name)
             response, _ = await from_upstream(
-                upstream,
-                served.tokens,
-                request.method,
-                url,
-                headers,
-                body,
-                credentials,
-                pull_scope(route.kind, route.name),
+                upstream, served.tokens, request.method, url, headers, body, credentials, scope
             )
             exchange.upstream_status = response.code
+            if (
+                self._cache is not None
+                and response.code == 200
+                and route.name is not None
+                and route.kind in (routes.Kind.MANIFEST, routes.Kind.TAGS, routes.Kind.BLOB)
+                and credentials is not Credentials.NONE
+            ):
+                who, ttl = identity(credentials, headers)
+                self._cache.note_readable(who, ttl, upstream.name, route.name)
         view = self._view(request, selection)
         await stream(
             request,

@@ -42,9 +42,10 @@ async def from_upstream(
         headers.setRawHeaders(_AUTHORIZATION, [auth])
     response, source = await upstream.fetch(method, url, headers, body)
     _learn(upstream, response, source)
-    if response.code != 401:
+    if response.code != 401 or (auth is not None and not tokens.stale(scope)):
+        # A fresh token refused: it lacks the rights; fetching another won't help.
         return response, source
-    # The upstream wants (other) credentials: a first challenge, or a token gone stale.
+    # The upstream wants credentials (a first challenge), or a token went stale.
     tokens.forget(scope)
     retry = await tokens.authorization(scope, fresh=True)
     if retry is None or retry == auth:

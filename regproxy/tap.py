@@ -9,16 +9,19 @@ override the file's values when given.
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
 from twisted.application.service import IService, MultiService
-from twisted.internet import tcp
+from twisted.internet import tcp, threads
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from . import config as configuration
+from .cache.blobs import BlobCache
+from .cache.store import Store
 from .channel import ChannelLimits, RegistrySite
 from .config import Config, ConfigError, UpstreamConfig, parse_size
 from .resource import RegistryProxy, Served, Settings
@@ -53,6 +56,8 @@ _SERVER_PARAMETERS = {
     "max-connections-per-client": "max_connections_per_client",
     "rate-limit": "rate_limit",
     "rate-burst": "rate_burst",
+    "cache-dir": "cache_dir",
+    "cache-max-size": "cache_max_size",
 }
 _LIST_OPTIONS = ("cors-origin", "client", "trusted-proxy", "realm-host", "redirect-host", "upstream-ca")
 
@@ -86,6 +91,8 @@ class Options(usage.Options):
         ["max-connections-per-client", None, 0, "Connections open at once per client address (0: no limit).", int],
         ["rate-limit", None, 0.0, "Requests per second per client address (0: no limit).", float],
         ["rate-burst", None, 0.0, "Requests a client may make at once above the rate (default: twice the rate).", float],
+        ["cache-dir", None, None, "Directory of the pull-through blob cache (default: no cache)."],
+        ["cache-max-size", None, "0", "Bytes the cache may hold, e.g. 100G (0: as much as the disk takes)."],
     ]
     optFlags: list[Any] = [
         ["worker", None, "(internal) run as an extra process of a --workers proxy"],
@@ -171,13 +178,15 @@ class Options(usage.Options):
         for flag, key in _SERVER_PARAMETERS.items():
             if self._given(flag):
                 value = self[flag]
-                if flag in ("max-upload-size", "read-size"):
+                if flag in ("max-upload-size", "read-size", "cache-max-size"):
                     try:
                         value = parse_size(value)
                     except ValueError:
                         raise ConfigError(f"--{flag}: not a size: {value!r}") from None
                 if flag == "public-url":
                     value = configuration.check_url(value, "--public-url")
+                if flag == "cache-dir":
+                    value = os.path.abspath(value)
                 changes[key] = value
         if self["listen"]:
             changes["listen"] = tuple(self["listen"])
@@ -259,6 +268,15 @@ def build_upstream(config: UpstreamConfig, settings: Config, tls: Any, reactor: 
     return Served(config, upstream, UpstreamTokens(upstream, reactor, config.credentials))
 
 
+def _fsync_in_thread(reactor: Any) -> Callable[[int], Awaitable[None]]:
+    """Flush a verified blob to disk before it is renamed into the store, off the reactor thread."""
+
+    async def sync(fd: int) -> None:
+        await threads.deferToThreadPool(reactor, reactor.getThreadPool(), os.fsync, fd)
+
+    return sync
+
+
 def makeService(options: Options, reactor: Any = None) -> IService:
     """Build the listening services for the parsed C{options}."""
     if reactor is None:
@@ -287,7 +305,11 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         max_connections=config.max_connections,
         max_connections_per_client=config.max_connections_per_client,
     )
-    site = RegistrySite(RegistryProxy(served, reactor, settings), reactor=reactor, limits=limits)
+    cache = None
+    if config.cache_dir:
+        store = Store(config.cache_dir, config.cache_max_size)
+        cache = BlobCache(store, reactor, config.idle_timeout, sync=_fsync_in_thread(reactor), response_timeout=config.response_timeout)
+    site = RegistrySite(RegistryProxy(served, reactor, settings, cache), reactor=reactor, limits=limits)
     site.max_upload_size = config.max_upload_size
     site.displayTracebacks = False
     parent = MultiService()
@@ -316,7 +338,7 @@ def worker_args(options: Options, listen: list[str]) -> list[str]:
         if name in ("config", "workers") or not options._given(name):
             continue
         value = options[name]
-        if name.endswith("-file") or name == "upstream-ca":
+        if name.endswith("-file") or name in ("upstream-ca", "cache-dir"):
             value = os.path.abspath(value)
         args += [f"--{name}", str(value)]
     for name in _LIST_OPTIONS:

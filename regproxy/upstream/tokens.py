@@ -43,6 +43,7 @@ MAX_CACHED = 10_000
 class _Token:
     value: str
     good_until: float
+    fetched: float
 
 
 class UpstreamTokens:
@@ -154,7 +155,7 @@ class UpstreamTokens:
         good_until = self._clock.seconds() + max(expires_in - margin, 0)
         if len(self._tokens) >= MAX_CACHED:
             self._tokens.clear()
-        self._tokens[scope] = _Token(value, good_until)
+        self._tokens[scope] = _Token(value, good_until, self._clock.seconds())
         self.log.info(
             "token for {upstream} {scope} ({who}), good for {seconds:.0f}s",
             upstream=upstream.name,
@@ -163,6 +164,11 @@ class UpstreamTokens:
             seconds=good_until - self._clock.seconds(),
         )
         return value
+
+    def stale(self, scope: str) -> bool:
+        """Whether a refused token may just be old (worth fetching again), not merely short of rights."""
+        token = self._tokens.get(scope)
+        return token is None or self._clock.seconds() - token.fetched > 30
 
     def forget(self, scope: str) -> None:
         """Drop a token the upstream refused."""
