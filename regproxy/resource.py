@@ -211,7 +211,7 @@ class RegistryProxy(Resource):
     def _access_log(self, result: object, request: Request, exchange: Exchange, started: float) -> None:
         # Separate fields, so that `twist --log-format=json` gives machine-readable lines.
         self.log.info(
-            '{client} "{method} {uri}" {status} {bytes} {duration:.3f}s upstream={upstream}{note}',
+            '{client} "{method} {uri}" {status} {bytes} {duration:.3f}s upstream={upstream}{note}{cached}',
             client=exchange.client if exchange.client != "-" else getattr(request.getClientAddress(), "host", "-"),
             method=request.method.decode("latin-1"),
             uri=request.uri.decode("latin-1"),
@@ -223,6 +223,7 @@ class RegistryProxy(Resource):
             credentials=exchange.credentials,
             cache=exchange.cache,
             note=f" ({exchange.note})" if exchange.note else "",
+            cached=f' cache="{exchange.cache}"' if exchange.cache != "-" else "",
         )
 
     # dispatch

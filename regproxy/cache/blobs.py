@@ -198,6 +198,9 @@ class BlobCache:
             found = await waiter
             return found, found is None
         local = self._fills.get(digest)
+        if isinstance(local, RemoteFill) and (local.verified or local.failure is not None):
+            del self._fills[digest]  # over: look again
+            local = None
         if local is not None and local.failure is None:
             return local, False
         return self._remote(digest), False
@@ -214,10 +217,12 @@ class BlobCache:
         except BlockingIOError:
             info = self.store.fill_info(digest)
             if info is not None:
-                remote = RemoteFill(self.store, digest, fd, info[0], info[1], self._clock)
+                remote = RemoteFill(self.store, digest, info[0], info[1], self._clock)
                 self._fills[digest] = remote
+                self.log.info("cache: following the fill of {digest} in another worker", digest=digest)
                 return remote
-        os.close(fd)
+        finally:
+            os.close(fd)
         return None
 
     async def _start(self, origin: Origin, digest: str) -> tuple[IResponse, str]:

@@ -298,15 +298,19 @@ class _Discard(Protocol):
 
 
 class RemoteFill(Growing):
-    """A fill running in another worker process, followed by polling its partial file."""
+    """A fill running in another worker process, followed by polling its partial file.
+
+    It holds no file of its own: each poll looks at the partial's size, at
+    whether the blob has been committed, and (when nothing moved) at whether
+    the filler still holds the partial's lock.
+    """
 
     POLL = 0.02
 
-    def __init__(self, store: Store, digest: str, fd: int, size: int, media_type: str, clock: IReactorTime) -> None:
+    def __init__(self, store: Store, digest: str, size: int, media_type: str, clock: IReactorTime) -> None:
         super().__init__()
         self.store = store
         self.digest = digest
-        self._fd = fd
         self.size = size
         self.media_type = media_type
         self._clock = clock
@@ -322,27 +326,36 @@ class RemoteFill(Growing):
         self._timer = None
         if self.failure is not None or self.verified:
             return
-        written = os.fstat(self._fd).st_size
         if self.store.complete(self.digest) is not None:
             self.written = self.size
             self.verified = True
-        elif written != self.written:
-            self.written = min(written, self.size)
-        elif not self._alive():
-            self.failure = Failure(FillFailed("the worker filling this blob stopped"))
         else:
-            if self._listeners:
-                self._timer = self._clock.callLater(self.POLL, self._poll)
-            return
+            try:
+                written = os.stat(self.store.partial_path(self.digest)).st_size
+            except FileNotFoundError:
+                written = -1
+            if written > self.written:
+                self.written = min(written, self.size)
+            elif not self._alive():
+                self.failure = Failure(FillFailed("the worker filling this blob stopped"))
+            else:
+                if self._listeners:
+                    self._timer = self._clock.callLater(self.POLL, self._poll)
+                return
         self._changed()
 
     def _alive(self) -> bool:
-        """Whether the filling process still holds its lock on the partial."""
+        """Whether a filling process still holds its lock on the partial (or has just committed)."""
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fd = os.open(self.store.partial_path(self.digest), os.O_RDONLY)
+        except FileNotFoundError:
+            return self.store.complete(self.digest) is not None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
         return self.store.complete(self.digest) is not None
 
     def attach(self) -> None:
@@ -350,10 +363,6 @@ class RemoteFill(Growing):
 
     def detach(self) -> None:
         self.readers -= 1
-        if self.readers <= 0:
-            if self._timer is not None and self._timer.active():
-                self._timer.cancel()
+        if self.readers <= 0 and self._timer is not None and self._timer.active():
+            self._timer.cancel()
             self._timer = None
-            if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1
