@@ -40,6 +40,22 @@ def is_registry_name(component: str) -> bool:
 
 
 @dataclass(frozen=True)
+class TagRule:
+    """How long a cached tag of the repositories matching C{repositories} (globs) is trusted.
+
+    @ivar fresh: seconds during which it is served without asking the upstream.
+    @ivar stale_while_revalidate: seconds after that during which it is served at
+        once while one background HEAD revalidates it.
+    @ivar max_stale: seconds it may still be served while the upstream can't answer.
+    """
+
+    repositories: tuple[str, ...] = ("**",)
+    fresh: float = 0.0
+    stale_while_revalidate: float = 0.0
+    max_stale: float = 86400.0
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     """One registry the proxy serves.
 
@@ -76,6 +92,7 @@ class UpstreamConfig:
     realm_hosts: tuple[str, ...] = ()
     redirect_hosts: tuple[str, ...] = ()
     allow_private_redirects: bool = False
+    tags: tuple[TagRule, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -320,9 +337,28 @@ def _upstream(data: Any, where: str, base: Path) -> UpstreamConfig:
         realm_hosts=tuple(h.lower() for h in t.strings("realm_hosts")),
         redirect_hosts=tuple(h.lower() for h in t.strings("redirect_hosts")),
         allow_private_redirects=t.take("allow_private_redirects", bool, False),
+        tags=_tag_rules(t),
     )
     t.finish()
     return config
+
+
+def _tag_rules(table: _Table) -> tuple[TagRule, ...]:
+    rules = []
+    for i, raw in enumerate(table.take("tags", list, [])):
+        if not isinstance(raw, dict):
+            raise table.error(f"tags[{i}]", "expected a table {repositories = [...], fresh = ..., ...}")
+        t = _Table(raw, table._key(f"tags[{i}]"))
+        default = TagRule()
+        rule = TagRule(
+            repositories=t.strings("repositories") or default.repositories,
+            fresh=t.number("fresh", default.fresh),
+            stale_while_revalidate=t.number("stale_while_revalidate", default.stale_while_revalidate),
+            max_stale=t.number("max_stale", default.max_stale),
+        )
+        t.finish()
+        rules.append(rule)
+    return tuple(rules)
 
 
 def load(path: str | os.PathLike[str]) -> Config:

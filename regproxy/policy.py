@@ -81,7 +81,7 @@ def pull_scope(kind: routes.Kind, upstream_name: str | None) -> str:
 
 
 @lru_cache(maxsize=1024)
-def _glob(pattern: str) -> re.Pattern[str]:
+def repository_glob(pattern: str) -> re.Pattern[str]:
     """C{*} matches within one path component, C{**} across components."""
     out = []
     i = 0
@@ -103,9 +103,9 @@ def _glob(pattern: str) -> re.Pattern[str]:
 
 def repository_allowed(config: UpstreamConfig, name: str) -> bool:
     """Whether clients may use repository C{name} (the upstream's spelling) of this upstream."""
-    if any(_glob(p).fullmatch(name) for p in config.deny):
+    if any(repository_glob(p).fullmatch(name) for p in config.deny):
         return False
-    return not config.allow or any(_glob(p).fullmatch(name) for p in config.allow)
+    return not config.allow or any(repository_glob(p).fullmatch(name) for p in config.allow)
 
 
 def check_repository(config: UpstreamConfig, name: str | None) -> None:

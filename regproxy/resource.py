@@ -30,7 +30,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from . import errors, landing, routes
 from .cache.blobs import BlobCache, Origin, identity
-from .cache.reader import FileAnswer
+from .cache.manifests import ManifestCache
+from .cache.reader import BytesAnswer, FileAnswer
 from .config import Network, UpstreamConfig, is_registry_name
 from .headers import client_response_headers, upstream_request_headers
 from .pipe import BodyIdleTimeout, ClientStalled
@@ -124,6 +125,7 @@ class RegistryProxy(Resource):
         clock: IReactorTime,
         settings: Settings | None = None,
         cache: BlobCache | None = None,
+        manifests: ManifestCache | None = None,
     ) -> None:
         super().__init__()
         if isinstance(upstreams, Upstream):
@@ -133,6 +135,7 @@ class RegistryProxy(Resource):
         self._settings = settings or Settings()
         self._rates = RateLimiter(self._settings.rate_limit, self._settings.rate_burst)
         self._cache = cache
+        self._manifests = manifests
 
     @property
     def table(self) -> UpstreamTable[Served]:
@@ -344,6 +347,14 @@ class RegistryProxy(Resource):
                 # upstream made of the cut body is not the answer.
                 discard(response)
                 raise body.error
+        elif self._manifests is not None and route.kind is routes.Kind.MANIFEST and request.method in (b"GET", b"HEAD"):
+            assert route.name is not None and route.reference is not None
+            origin = Origin(upstream, served.tokens, route.name, url, headers, credentials, pull_scope(route.kind, route.name))
+            response, exchange.cache = await self._manifests.serve(
+                origin, route.reference, request.method, served.config.tags
+            )
+            if not isinstance(response, BytesAnswer):
+                exchange.upstream_status = response.code
         elif self._cache is not None and route.kind is routes.Kind.BLOB and request.method in (b"GET", b"HEAD"):
             assert route.name is not None and route.reference is not None
             origin = Origin(upstream, served.tokens, route.name, url, headers, credentials, pull_scope(route.kind, route.name))

@@ -21,6 +21,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from . import config as configuration
 from .cache.blobs import BlobCache
+from .cache.manifests import ManifestCache
 from .cache.store import Store
 from .channel import ChannelLimits, RegistrySite
 from .config import Config, ConfigError, UpstreamConfig, parse_size
@@ -305,11 +306,15 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         max_connections=config.max_connections,
         max_connections_per_client=config.max_connections_per_client,
     )
-    cache = None
+    cache = manifests = None
     if config.cache_dir:
         store = Store(config.cache_dir, config.cache_max_size)
-        cache = BlobCache(store, reactor, config.idle_timeout, sync=_fsync_in_thread(reactor), response_timeout=config.response_timeout)
-    site = RegistrySite(RegistryProxy(served, reactor, settings, cache), reactor=reactor, limits=limits)
+        cache = BlobCache(
+            store, reactor, config.idle_timeout, sync=_fsync_in_thread(reactor), response_timeout=config.response_timeout
+        )
+        manifests = ManifestCache(store, cache, reactor)
+    proxy = RegistryProxy(served, reactor, settings, cache, manifests)
+    site = RegistrySite(proxy, reactor=reactor, limits=limits)
     site.max_upload_size = config.max_upload_size
     site.displayTracebacks = False
     parent = MultiService()

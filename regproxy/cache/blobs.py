@@ -41,6 +41,7 @@ from ..upstream import Upstream, discard
 from ..upstream.tokens import UpstreamTokens
 from .fill import Fill, Growing, RemoteFill
 from .reader import FileAnswer, FileBody, blob_headers
+from .rights import Rights
 from .store import Blob, Store, split_digest
 
 HIT = "regproxy; hit"
@@ -114,6 +115,7 @@ class BlobCache:
         idle_timeout: float = 120.0,
         sync: Callable[[int], Awaitable[None]] | None = None,
         response_timeout: float = 60.0,
+        rights: Rights | None = None,
     ) -> None:
         self.store = store
         self._clock = clock
@@ -124,24 +126,19 @@ class BlobCache:
         self._fills: dict[str, Growing] = {}
         #: Fills being started here (waiting for the upstream's head), by digest.
         self._starting: dict[str, list[Deferred[Growing | None]]] = {}
-        #: (identity, upstream, repository) -> until when reading it is known to be allowed.
-        self._readable: dict[tuple[str, str, str], float] = {}
+        self.rights = rights or Rights(clock)
         self.counts: dict[str, int] = {"hit": 0, "stored": 0, "collapsed": 0, "passed": 0, "resumed": 0}
 
     # rights
 
     def note_readable(self, who: str, ttl: float, upstream: str, repository: str) -> None:
         """The upstream just let C{who} read C{repository} (a 200 for it)."""
-        if len(self._readable) > 100_000:
-            now = self._clock.seconds()
-            self._readable = {k: v for k, v in self._readable.items() if v > now}
-        self._readable[(who, upstream, repository)] = self._clock.seconds() + ttl
+        self.rights.note(who, ttl, upstream, repository)
 
     async def _may_read(self, origin: Origin, digest: str) -> bool:
         who, ttl = identity(origin.credentials, origin.headers)
         name = origin.upstream.name
-        known = self._readable.get((who, name, origin.repository), 0.0) > self._clock.seconds()
-        if known and self.store.linked(name, origin.repository, digest):
+        if self.rights.known(who, name, origin.repository) and self.store.linked(name, origin.repository, digest):
             return True
         # Ask the upstream, as this client: does this repository hold this blob, for you?
         headers = origin.headers.copy()
@@ -225,13 +222,30 @@ class BlobCache:
             os.close(fd)
         return None
 
-    async def _start(self, origin: Origin, digest: str) -> tuple[IResponse, str]:
-        """This request is the first for a cold blob: fetch it into a fill and read that."""
+    async def prefetch(self, origin: Origin, digest: str) -> None:
+        """Start the fill of a blob no client asked for yet (an image's layers, on its manifest's miss)."""
+        if split_digest(digest) is None or self.store.complete(digest) is not None:
+            return
+        if digest in self._starting or digest in self._fills:
+            return
+        response, _ = await self._start(origin, digest, reader=False)
+        if response is not None:
+            discard(response)
+
+    async def _start(self, origin: Origin, digest: str, reader: bool = True) -> tuple[IResponse, str]:
+        """This request is the first for a cold blob: fetch it into a fill and read that.
+
+        Without C{reader} (a prefetch) nobody reads: the answer is C{None} once
+        the fill runs, or the upstream's refusal to discard.
+        """
         waiters: list[Deferred[Growing | None]] = []
         self._starting[digest] = waiters
         fill: Fill | None = None
         try:
             fd = self._claim(digest)
+            if fd is None and not reader:
+                self._release(waiters, None)
+                return None, "regproxy; fwd=miss"  # type: ignore[return-value]
             if fd is None:
                 remote = await self._await_remote(digest)
                 if remote is not None and await self._may_read(origin, digest):
@@ -273,6 +287,8 @@ class BlobCache:
             self.note_readable(who, ttl, origin.upstream.name, origin.repository)
             self._release(waiters, fill)
             self.counts["stored"] += 1
+            if not reader:
+                return None, STORED  # type: ignore[return-value]
             return self._answer(None, fill, origin, b"GET", STORED), STORED
         finally:
             if self._starting.get(digest) is waiters:

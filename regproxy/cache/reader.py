@@ -168,6 +168,27 @@ class FileAnswer:
         self._body.deliver(protocol)
 
 
+class BytesAnswer:
+    """An IResponse-like answer with a small body in memory (a manifest)."""
+
+    version = (b"HTTP", 1, 1)
+    previousResponse = None
+    request = None
+
+    def __init__(self, code: int, headers: Headers, body: bytes) -> None:
+        self.code = code
+        self.phrase = b"OK" if code == 200 else b""
+        self.headers = headers
+        self.length = len(body)
+        self._body = body
+
+    def deliverBody(self, protocol: Any) -> None:
+        protocol.makeConnection(_NoTransport())
+        if self._body:
+            protocol.dataReceived(self._body)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
 @implementer(IPushProducer)
 class _NoTransport:
     def pauseProducing(self) -> None:

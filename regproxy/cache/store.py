@@ -41,6 +41,17 @@ CREATE TABLE IF NOT EXISTS blobs (
     last_access REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS blobs_lru ON blobs (last_access);
+CREATE TABLE IF NOT EXISTS tags (
+    upstream TEXT NOT NULL,
+    repository TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    accept TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    media_type TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    validated REAL NOT NULL,
+    PRIMARY KEY (upstream, repository, tag, accept)
+);
 CREATE TABLE IF NOT EXISTS links (
     upstream TEXT NOT NULL,
     repository TEXT NOT NULL,
@@ -56,6 +67,16 @@ def split_digest(digest: str) -> tuple[str, str] | None:
     if _ALGORITHMS.get(algorithm) != len(encoded) or encoded.strip("0123456789abcdef"):
         return None
     return algorithm, encoded
+
+
+@dataclass(frozen=True)
+class Tag:
+    """What a tag resolved to for one set of accepted media types, and when that was last checked."""
+
+    digest: str
+    media_type: str
+    size: int
+    validated: float
 
 
 @dataclass(frozen=True)
@@ -151,6 +172,55 @@ class Store:
         """Remember that C{repository} of C{upstream} holds C{digest} (the upstream said so)."""
         self._db.execute(
             "INSERT OR IGNORE INTO links (upstream, repository, digest) VALUES (?, ?, ?)", (upstream, repository, digest)
+        )
+
+    # small content (manifests), kept by digest like blobs
+
+    def put_bytes(self, digest: str, data: bytes, media_type: str) -> None:
+        """Store verified small content (a manifest) under its digest."""
+        if self.complete(digest) is not None:
+            self.touch(digest)
+            return
+        partial = self.partial_path(digest).with_suffix(".small")
+        partial.write_bytes(data)
+        final = self.blob_path(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, final)
+        now = time.time()
+        self._db.execute(
+            "INSERT OR REPLACE INTO blobs (digest, size, media_type, created, last_access) VALUES (?, ?, ?, ?, ?)",
+            (digest, len(data), media_type, now, now),
+        )
+
+    def read_bytes(self, blob: Blob) -> bytes | None:
+        try:
+            data = blob.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        self.touch(blob.digest)
+        return data if len(data) == blob.size else None
+
+    # tags
+
+    def tag(self, upstream: str, repository: str, tag: str, accept: str) -> Tag | None:
+        row = self._db.execute(
+            "SELECT digest, media_type, size, validated FROM tags "
+            "WHERE upstream = ? AND repository = ? AND tag = ? AND accept = ?",
+            (upstream, repository, tag, accept),
+        ).fetchone()
+        return None if row is None else Tag(str(row[0]), str(row[1]), int(row[2]), float(row[3]))
+
+    def set_tag(self, upstream: str, repository: str, tag: str, accept: str, found: Tag) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO tags (upstream, repository, tag, accept, digest, media_type, size, validated) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (upstream, repository, tag, accept, found.digest, found.media_type, found.size, found.validated),
+        )
+
+    def forget_tag(self, upstream: str, repository: str, tag: str, accept: str) -> None:
+        self._db.execute(
+            "DELETE FROM tags WHERE upstream = ? AND repository = ? AND tag = ? AND accept = ?",
+            (upstream, repository, tag, accept),
         )
 
     def touch(self, digest: str) -> None:
@@ -275,8 +345,8 @@ class Store:
     def recover(self) -> None:
         """Drop dead partials (their lock is free: the filler is gone), and index rows whose file is gone."""
         for path in list((self.root / "partial").iterdir()):
-            if path.suffix in (".json", ".tmp"):
-                if path.suffix == ".tmp" or not path.with_suffix("").exists():
+            if path.suffix in (".json", ".tmp", ".small"):
+                if path.suffix != ".json" or not path.with_suffix("").exists():
                     path.unlink(missing_ok=True)
                 continue
             try:

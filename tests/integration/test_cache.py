@@ -157,3 +157,35 @@ def test_cache_survives_restart(hub: Hub, tmp_path: Path) -> None:
         reply, digest, _ = sha256_of("GET", url, anonymous(proxy))
         assert reply.header("Cache-Status") == "regproxy; hit" and digest == layer.digest
     assert blob_gets(hub, layer.digest, mark) == []
+
+
+MANIFEST_TYPES = ", ".join(
+    [
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+    ]
+)
+
+
+def test_tag_is_revalidated_with_head_and_digest_served_from_cache(cached: ProxyProcess, hub: Hub) -> None:
+    """A second GET of a tag costs the upstream one HEAD; a GET by digest costs nothing; bytes and headers exact."""
+    image = hub.images["library/alpine:3.21"]
+    auth = {**anonymous(cached), "Accept": MANIFEST_TYPES}
+    url = f"{cached.url}/v2/library/alpine/manifests/3.21"
+    first = request("GET", url, auth)
+    assert first.status == 200 and first.body == image.manifest
+    assert first.header("Cache-Status") == "regproxy; fwd=miss; stored"
+    mark = len(hub.registry_requests())
+    second = request("GET", url, auth)
+    assert second.status == 200 and second.body == image.manifest
+    assert second.header("Docker-Content-Digest") == image.digest and second.header("Content-Type") == image.media_type
+    assert second.header("Cache-Status") == "regproxy; hit; detail=revalidated"
+    by_digest = request("GET", f"{cached.url}/v2/library/alpine/manifests/{image.digest}", auth)
+    assert by_digest.status == 200 and by_digest.body == image.manifest and "hit" in (by_digest.header("Cache-Status") or "")
+    head = request("HEAD", f"{cached.url}/v2/library/alpine/manifests/{image.digest}", auth)
+    assert head.header("Content-Length") == str(len(image.manifest)) and head.header("Docker-Content-Digest") == image.digest
+    time.sleep(1.2)  # the registry writes its access-log line after answering
+    seen = [(r["method"], r["path"]) for r in hub.registry_requests()[mark:] if "/manifests/" in str(r["path"])]
+    assert seen == [("HEAD", "/v2/library/alpine/manifests/3.21")], seen
