@@ -355,6 +355,14 @@ class RegistryProxy(Resource):
             )
             if not isinstance(response, BytesAnswer):
                 exchange.upstream_status = response.code
+        elif (
+            self._manifests is not None
+            and route.kind in (routes.Kind.TAGS, routes.Kind.CATALOG)
+            and request.method in (b"GET", b"HEAD")
+        ):
+            origin = Origin(upstream, served.tokens, route.name or "", url, headers, credentials, pull_scope(route.kind, route.name))
+            response, exchange.cache = await self._manifests.listing(origin, request.method)
+            exchange.upstream_status = response.code
         elif self._cache is not None and route.kind is routes.Kind.BLOB and request.method in (b"GET", b"HEAD"):
             assert route.name is not None and route.reference is not None
             origin = Origin(upstream, served.tokens, route.name, url, headers, credentials, pull_scope(route.kind, route.name))

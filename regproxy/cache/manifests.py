@@ -137,9 +137,40 @@ class ManifestCache:
         self._prefetching = DeferredSemaphore(max(1, prefetch)) if prefetch else None
         self._inflight: dict[tuple[Any, ...], list[Deferred[_Fetched]]] = {}
         self._revalidating: set[tuple[Any, ...]] = set()
+        self._listings: dict[tuple[str, str, str], tuple[float, _Fetched]] = {}
         self.counts: dict[str, int] = {"hit": 0, "stored": 0, "stale": 0, "revalidated": 0, "coalesced": 0, "passed": 0}
 
+    #: How long a tags/list or _catalog answer is kept for when the upstream is down.
+    LISTING_STALE = 600.0
+    _MAX_LISTINGS = 1000
+
     # entry point
+
+    async def listing(self, origin: Origin, method: bytes) -> tuple[IResponse, str]:
+        """tags/list and _catalog: passed through, but the last good answer is kept a while for when the upstream is down."""
+        who, ttl, _ = self._who(origin)
+        key = (origin.upstream.name, who, origin.url)
+        try:
+            fetched = await self._fetch(origin, b"GET", key)
+        except (*_TROUBLE, errors.RegistryError) as e:
+            kept = self._listings.get(key)
+            if kept is not None and self._clock.seconds() - kept[0] <= self.LISTING_STALE:
+                answer = BytesAnswer(200, kept[1].headers.copy(), b"" if method == b"HEAD" else kept[1].body)
+                answer.headers.setRawHeaders(b"cache-status", [b"regproxy; hit; fwd=stale"])
+                answer.headers.setRawHeaders(b"warning", [f'110 regproxy "Response is stale: {_reason(e)}"'.encode()])
+                return answer, "regproxy; hit; fwd=stale"  # type: ignore[return-value]
+            raise
+        if fetched.code == 200:
+            if len(self._listings) >= self._MAX_LISTINGS:
+                self._listings.pop(next(iter(self._listings)))
+            self._listings[key] = (self._clock.seconds(), fetched)
+        elif fetched.code >= 500 or fetched.code == 429:
+            kept = self._listings.get(key)
+            if kept is not None and self._clock.seconds() - kept[0] <= self.LISTING_STALE:
+                answer = BytesAnswer(200, kept[1].headers.copy(), b"" if method == b"HEAD" else kept[1].body)
+                answer.headers.setRawHeaders(b"cache-status", [f"regproxy; hit; fwd=stale; fwd-status={fetched.code}".encode()])
+                return answer, "regproxy; hit; fwd=stale"  # type: ignore[return-value]
+        return self._passed(fetched, method, "regproxy; fwd=uri-miss")
 
     async def serve(self, origin: Origin, reference: str, method: bytes, rules: Sequence[TagRule]) -> tuple[IResponse, str]:
         if ":" in reference:
