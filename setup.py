@@ -9,9 +9,9 @@ setup(
     packages=find_packages(exclude=["tests", "tests.*", "benchmarks", "benchmarks.*"])
     + ["twisted.plugins"],
     package_data={"twisted": ["plugins/regproxy_plugin.py"]},
-    install_requires=["twisted>=24.7", "treq>=23.11", "service-identity", "pyopenssl"],
+    install_requires=["twisted>=24.7", "treq>=23.11", "service-identity", "pyopenssl", "prometheus_client>=0.17"],
     extras_require={
-        "test": ["pytest", "pytest-twisted", "cryptography", "pyjwt"],
+        "test": ["pytest", "pytest-twisted", "cryptography", "pyjwt", "hypothesis"],
         "lint": ["mypy", "mypy-zope", "ruff"],
     },
 )

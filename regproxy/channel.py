@@ -8,9 +8,13 @@ body was read (which the client must still be able to read).
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -100,7 +104,21 @@ class RegistryChannel(HTTPChannel):
         self.transport.write(  # type: ignore[union-attr]
             _raw_answer(b"408 Request Timeout", "UNSUPPORTED", "request head took too long")
         )
+        self._log_own(408, "request head took too long")
         self.transport.loseConnection()  # type: ignore[union-attr]
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's own answer to a malformed request line or header (a private
+        # hook, the only one there is; tests/unit/test_defects.py pins it): the
+        # request never reaches the resource, but it still gets its log line.
+        self._log_own(400, "malformed request")
+        super()._respondToBadRequestAndDisconnect()  # type: ignore[misc]
+
+    def _log_own(self, status: int, note: str) -> None:
+        log = getattr(getattr(self, "site", None), "access_log", None)
+        if log is not None:
+            peer = getattr(self.transport.getPeer(), "host", "-") if self.transport is not None else "-"
+            log(str(peer), status, note)
 
     def requestDone(self, request: Any) -> None:
         pending = getattr(request, "body_pending", None)
@@ -161,6 +179,40 @@ class RegistryChannel(HTTPChannel):
             connections = getattr(getattr(self, "site", None), "connections", None)
             if connections is not None:
                 connections.release(key)
+
+
+class Drain(Service):
+    """On stop (SIGTERM): refuse new work, let transfers in flight finish, then go.
+
+    The listeners stop at the same time (new connections are refused); idle
+    keep-alive connections are closed so their clients reconnect elsewhere;
+    answers in progress get C{Connection: close}. After C{timeout} seconds
+    whatever is left is cut.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, proxy: Any, site: RegistrySite, timeout: float) -> None:
+        self._reactor = reactor
+        self._proxy = proxy
+        self._site = site
+        self._timeout = timeout
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self._proxy.draining = True
+        self._site.close_idle()
+        active = self._proxy.active
+        if active:
+            self.log.info("draining: waiting up to {timeout}s for {active} request(s)", timeout=self._timeout, active=active)
+        done: Deferred[None] = self._proxy.idle()
+        if self._timeout > 0:
+            done.addTimeout(self._timeout, self._reactor, onTimeoutCancel=self._cut)
+        return done
+
+    def _cut(self, result: object, timeout: float) -> None:
+        self.log.warn("drain timeout ({timeout}s): cutting {active} request(s)", timeout=timeout, active=self._proxy.active)
+        self._site.close_all()
 
 
 class ChannelLimits:
@@ -238,15 +290,32 @@ class RegistrySite(Site):
         super().__init__(resource, *args, **kwargs)
         self.limits = limits or ChannelLimits()
         self.connections = ConnectionCounter()
+        self.channels: weakref.WeakSet[RegistryChannel] = weakref.WeakSet()
+        #: Where requests the channel answers itself (400, 408, 503) are logged, like any other.
+        self.access_log: Callable[[str, int, str], None] | None = None
+
+    def close_idle(self) -> None:
+        """Close keep-alive connections with no request in progress (draining)."""
+        for channel in list(self.channels):
+            if not channel.requests and channel.transport is not None:
+                channel.transport.loseConnection()
+
+    def close_all(self) -> None:
+        for channel in list(self.channels):
+            if channel.transport is not None:
+                channel.transport.abortConnection()  # type: ignore[attr-defined]
 
     def buildProtocol(self, addr: IAddress | None) -> Any:
         key = str(getattr(addr, "host", "?"))
         refused = self.connections.admit(key, self.limits)
         if refused is not None:
             self.log_refusals.warn("refusing a connection from {client}: {reason}", client=key, reason=refused)
+            if self.access_log is not None:
+                self.access_log(key, 503, refused)
             return _Refuse(refused)
         channel = super().buildProtocol(addr)
         channel._release_key = key
+        self.channels.add(channel)
         return channel
 
     def acceptableProtocols(self) -> list[bytes]:

@@ -132,6 +132,10 @@ class Config:
     #: The pull-through cache's directory (none: no cache) and its size limit (0: none).
     cache_dir: str | None = None
     cache_max_size: int = 0
+    #: Operations: the Prometheus listener, the JSON access log, the drain on SIGTERM.
+    metrics_listen: str | None = None
+    access_log: str | None = None
+    drain_timeout: float = 30.0
     #: The file this came from, if any (workers re-read it).
     path: str | None = None
 
@@ -267,6 +271,10 @@ def _path(value: str | None, base: Path) -> str | None:
     if value is None:
         return None
     return str(Path(value) if os.path.isabs(value) else base / value)
+
+
+def _log_path(value: str | None, base: Path) -> str | None:
+    return value if value in (None, "-") else _path(value, base)
 
 
 def _password(table: _Table, base: Path) -> str | None:
@@ -411,6 +419,9 @@ def from_mapping(data: Mapping[str, Any], base: Path = Path("."), path: str | No
         rate_burst=t.number("rate_burst", defaults.rate_burst),
         cache_dir=_path(t.take("cache_dir", str), base),
         cache_max_size=t.size("cache_max_size", defaults.cache_max_size),
+        metrics_listen=t.take("metrics_listen", str),
+        access_log=_log_path(t.take("access_log", str), base),
+        drain_timeout=t.number("drain_timeout", defaults.drain_timeout),
         path=path,
     )
     t.finish()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from .config import DOCKER_HUB, UpstreamConfig
 
@@ -66,7 +66,7 @@ def _upstream_section(config: UpstreamConfig, base: str, host: str, scheme: str)
     return "".join(parts)
 
 
-def render(configs: Sequence[UpstreamConfig], base: str) -> bytes:
+def render(configs: Sequence[UpstreamConfig], base: str, figures: Mapping[str, object] | None = None) -> bytes:
     """The page for a reader who reached the proxy at C{base}."""
     scheme, _, host = base.partition("://")
     served = "".join(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -63,6 +64,7 @@ class Budgets:
         self._clock = clock
         self._low = low
         self.budgets: dict[tuple[str, str], Budget] = {}
+        self.metrics: Any = None
 
     def note(self, upstream: str, who: str, code: int, headers: Headers) -> None:
         """Read an upstream answer's rate-limit headers (and a 429)."""
@@ -90,6 +92,12 @@ class Budgets:
                 )
             if remaining[0] > 0:
                 budget.blocked_until = 0.0
+        if self.metrics is not None and who.startswith("proxy"):
+            label = who.partition(":")[2] or "anonymous"
+            if budget.remaining is not None:
+                self.metrics.ratelimit_remaining.labels(upstream, label).set(budget.remaining)
+            if budget.limit is not None:
+                self.metrics.ratelimit_limit.labels(upstream, label).set(budget.limit)
         source = headers.getRawHeaders(b"docker-ratelimit-source")
         if source:
             budget.source = source[0].decode("latin-1")

@@ -11,11 +11,11 @@ access-log line, whoever answered it.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from urllib.parse import quote, unquote
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeout
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -29,11 +29,13 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from . import errors, landing, routes
+from .accesslog import AccessLog, request_id, timestamp
 from .cache.blobs import BlobCache, Origin, identity
 from .cache.manifests import ManifestCache
 from .cache.reader import BytesAnswer, FileAnswer
 from .config import Network, UpstreamConfig, is_registry_name
 from .headers import client_response_headers, upstream_request_headers
+from .metrics import Metrics, status_class
 from .pipe import BodyIdleTimeout, ClientStalled
 from .policy import (
     Credentials,
@@ -76,14 +78,21 @@ _ALWAYS_OPEN = frozenset({b"/healthz", b"/readyz"})
 
 @dataclass
 class Exchange:
-    """What the access log says about one request."""
+    """What the access log and the metrics say about one request."""
 
+    started: float = 0.0
+    request_id: str = ""
     upstream_status: int | None = None
     note: str = ""
     upstream: str = "-"
     credentials: str = "-"
     client: str = "-"
     cache: str = "-"
+    kind: str = "other"
+    #: When the answer's head was ready (time to first byte).
+    head_ready: float | None = None
+    #: The body came from the upstream as it is (not from the cache).
+    relayed: bool = False
 
 
 @dataclass
@@ -126,6 +135,8 @@ class RegistryProxy(Resource):
         settings: Settings | None = None,
         cache: BlobCache | None = None,
         manifests: ManifestCache | None = None,
+        metrics: Metrics | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         super().__init__()
         if isinstance(upstreams, Upstream):
@@ -136,6 +147,14 @@ class RegistryProxy(Resource):
         self._rates = RateLimiter(self._settings.rate_limit, self._settings.rate_burst)
         self._cache = cache
         self._manifests = manifests
+        self.metrics = metrics
+        self.access_log = access_log
+        #: Requests being answered, and whether the proxy is draining (SIGTERM).
+        self.active = 0
+        self.draining = False
+        self._idle_waiters: list[Deferred[None]] = []
+        #: Checks /readyz makes besides draining (listeners up, cache writable).
+        self.readiness: list[Callable[[], str | None]] = []
 
     @property
     def table(self) -> UpstreamTable[Served]:
@@ -146,12 +165,18 @@ class RegistryProxy(Resource):
     def render(self, request: Request) -> int:  # type: ignore[override]
         request.defaultContentType = None
         self._cors(request)
-        exchange = Exchange()
-        started = self._clock.seconds()
+        exchange = Exchange(started=self._clock.seconds(), request_id=request_id())
+        request.responseHeaders.setRawHeaders(b"x-request-id", [exchange.request_id.encode()])
+        if self.draining and getattr(request, "channel", None) is not None:
+            request.channel.persistent = False  # the client should come back to another instance
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        self.active += 1
+        if self.metrics is not None:
+            self.metrics.in_flight.inc()
         # Asked for before the handler runs: an answer the proxy gives at once
         # (a 404, /healthz) finishes the request before fromCoroutine returns.
         finished = request.notifyFinish()
-        finished.addBoth(self._access_log, request, exchange, started)
+        finished.addBoth(self._access_log, request, exchange)
         d = Deferred.fromCoroutine(self._handle(request, exchange))
         d.addErrback(self._failed, request, exchange)
         finished.addErrback(_cancel_when_client_leaves, d)
@@ -211,23 +236,129 @@ class RegistryProxy(Resource):
         exchange.note = error.code
         errors.write_error(request, error)
 
-    def _access_log(self, result: object, request: Request, exchange: Exchange, started: float) -> None:
-        # Separate fields, so that `twist --log-format=json` gives machine-readable lines.
-        self.log.info(
-            '{client} "{method} {uri}" {status} {bytes} {duration:.3f}s upstream={upstream}{note}{cached}',
-            client=exchange.client if exchange.client != "-" else getattr(request.getClientAddress(), "host", "-"),
-            method=request.method.decode("latin-1"),
-            uri=request.uri.decode("latin-1"),
-            status=request.code,
-            bytes=request.sentLength,
-            duration=self._clock.seconds() - started,
-            upstream=exchange.upstream_status or "-",
-            registry=exchange.upstream,
-            credentials=exchange.credentials,
-            cache=exchange.cache,
-            note=f" ({exchange.note})" if exchange.note else "",
-            cached=f' cache="{exchange.cache}"' if exchange.cache != "-" else "",
-        )
+    def _access_log(self, result: object, request: Request, exchange: Exchange) -> None:
+        """One line per request, and the request's metrics."""
+        now = self._clock.seconds()
+        duration = now - exchange.started
+        client = exchange.client if exchange.client != "-" else str(getattr(request.getClientAddress(), "host", "-"))
+        if exchange.note == "" and isinstance(result, Failure):
+            exchange.note = "client gone"
+        if self.access_log is not None:
+            self.access_log.write(
+                {
+                    "time": timestamp(),
+                    "request_id": exchange.request_id,
+                    "client": client,
+                    "method": request.method.decode("latin-1"),
+                    "path": request.uri.decode("latin-1"),
+                    "status": request.code,
+                    "bytes": request.sentLength,
+                    "duration": round(duration, 6),
+                    "upstream": exchange.upstream,
+                    "upstream_status": exchange.upstream_status,
+                    "cache": None if exchange.cache == "-" else exchange.cache,
+                    "credentials": exchange.credentials,
+                    "user_agent": (request.getHeader(b"user-agent") or b"").decode("latin-1"),
+                    "note": exchange.note or None,
+                }
+            )
+        else:
+            # Separate fields, so that `twist --log-format=json` gives machine-readable lines.
+            self.log.info(
+                '{client} "{method} {uri}" {status} {bytes} {duration:.3f}s upstream={upstream}{note}{cached}',
+                client=client,
+                method=request.method.decode("latin-1"),
+                uri=request.uri.decode("latin-1"),
+                status=request.code,
+                bytes=request.sentLength,
+                duration=duration,
+                upstream=exchange.upstream_status or "-",
+                registry=exchange.upstream,
+                credentials=exchange.credentials,
+                cache=exchange.cache,
+                request_id=exchange.request_id,
+                note=f" ({exchange.note})" if exchange.note else "",
+                cached=f' cache="{exchange.cache}"' if exchange.cache != "-" else "",
+            )
+        metrics = self.metrics
+        if metrics is not None:
+            metrics.in_flight.dec()
+            cache = _cache_label(exchange.cache)
+            upstream = exchange.upstream
+            metrics.requests.labels(upstream, exchange.kind, request.method.decode("latin-1")[:8], status_class(request.code), cache).inc()
+            metrics.duration.labels(upstream, exchange.kind).observe(duration)
+            if exchange.head_ready is not None:
+                metrics.first_byte.labels(upstream, exchange.kind).observe(exchange.head_ready - exchange.started)
+            if request.sentLength:
+                metrics.client_bytes.labels(upstream, exchange.kind, cache).inc(request.sentLength)
+                if exchange.relayed:
+                    metrics.upstream_bytes.labels(upstream, exchange.kind).inc(request.sentLength)
+        self.active -= 1
+        if self.active <= 0 and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def channel_answer(self, client: str, status: int, note: str) -> None:
+        """Log a request the channel answered itself (a malformed one, a slow head, one over the limits)."""
+        if self.access_log is not None:
+            self.access_log.write(
+                {
+                    "time": timestamp(),
+                    "request_id": request_id(),
+                    "client": client,
+                    "method": None,
+                    "path": None,
+                    "status": status,
+                    "bytes": 0,
+                    "duration": 0.0,
+                    "upstream": None,
+                    "upstream_status": None,
+                    "cache": None,
+                    "credentials": None,
+                    "user_agent": None,
+                    "note": note,
+                }
+            )
+        else:
+            self.log.info('{client} "- -" {status} 0 0.000s upstream=- ({note})', client=client, status=status, note=note)
+        if self.metrics is not None:
+            self.metrics.requests.labels("-", "other", "-", status_class(status), "none").inc()
+
+    def idle(self) -> Deferred[None]:
+        """Fires when no request is being answered (for draining)."""
+        if self.active <= 0:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._idle_waiters.append(waiter)
+        return waiter
+
+    def figures(self) -> dict[str, object]:
+        """Live figures for the landing page."""
+        out: dict[str, object] = {"active": self.active, "draining": self.draining}
+        if self._cache is not None:
+            counts = dict(self._cache.counts)
+            if self._manifests is not None:
+                counts.update({f"manifest_{k}": v for k, v in self._manifests.counts.items()})
+            out["cache"] = counts
+            out["cache_size"] = self._cache.store.total_size()
+            out["cache_limit"] = self._cache.store.max_size
+        if self._manifests is not None:
+            out["budgets"] = {
+                f"{upstream} ({who})": (b.remaining, b.limit)
+                for (upstream, who), b in self._manifests.budgets.budgets.items()
+                if who.startswith("proxy")
+            }
+        return out
+
+    def _ready(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        for check in self.readiness:
+            problem = check()
+            if problem is not None:
+                return False, problem
+        return True, "ok"
 
     # dispatch
 
@@ -250,6 +381,7 @@ class RegistryProxy(Resource):
             except UnicodeDecodeError:
                 raise errors.RegistryError(404, "NAME_UNKNOWN", "no such repository (not ASCII)") from None
             route = routes.parse(path, method)
+            exchange.kind = route.kind.value
             if method not in routes.ALLOWED_METHODS[route.kind]:
                 allow = b", ".join(sorted(routes.ALLOWED_METHODS[route.kind]))
                 raise errors.RegistryError(
@@ -260,11 +392,18 @@ class RegistryProxy(Resource):
             if method not in (b"GET", b"POST"):
                 raise errors.unsupported("the token endpoint takes GET and POST", 405)
             suffix = unquote(raw_path[len(b"/token/") :].decode("latin-1")) if raw_path != b"/token" else ""
+            exchange.kind = "token"
             return await self._token(request, suffix, query, exchange)
-        if raw_path in (b"/healthz", b"/readyz") and method in (b"GET", b"HEAD"):
+        if raw_path == b"/healthz" and method in (b"GET", b"HEAD"):
+            exchange.kind = "health"
             return _answer(request, 200, b"text/plain; charset=utf-8", b"ok\n")
+        if raw_path == b"/readyz" and method in (b"GET", b"HEAD"):
+            exchange.kind = "health"
+            ready, why = self._ready()
+            return _answer(request, 200 if ready else 503, b"text/plain; charset=utf-8", why.encode() + b"\n")
         if raw_path == b"/" and method in (b"GET", b"HEAD"):
-            page = landing.render(self._table.configs, self.public_base(request))
+            exchange.kind = "landing"
+            page = landing.render(self._table.configs, self.public_base(request), self.figures())
             return _answer(request, 200, b"text/html; charset=utf-8", page)
         raise errors.unsupported(f"nothing at {raw_path.decode('latin-1')!r}")
 
@@ -385,6 +524,8 @@ class RegistryProxy(Resource):
                 who, ttl = identity(credentials, headers)
                 self._cache.note_readable(who, ttl, upstream.name, route.name)
         view = self._view(request, selection)
+        exchange.head_ready = self._clock.seconds()
+        exchange.relayed = not isinstance(response, (FileAnswer, BytesAnswer))
         await stream(
             request,
             response,
@@ -487,6 +628,7 @@ class RegistryProxy(Resource):
             body = BytesBody(upstream_query(form, names.to_upstream, foreign, upstream.service))
         response = await upstream.send(request.method, url, headers, body)
         exchange.upstream_status = response.code
+        exchange.head_ready = self._clock.seconds()
         await stream(
             request,
             response,
@@ -495,6 +637,18 @@ class RegistryProxy(Resource):
             self._settings.idle_timeout,
             self._settings.client_timeout,
         )
+
+
+def _cache_label(status: str) -> str:
+    """A cache status as a metric label: hit, stored, collapsed, revalidated, stale, passed, or none."""
+    if status == "-":
+        return "none"
+    if "fwd=stale" in status:
+        return "stale"
+    for label in ("revalidated", "collapsed", "stored"):
+        if label in status:
+            return label
+    return "hit" if "hit" in status else "passed"
 
 
 def _cancel_when_client_leaves(failure: Failure, work: Deferred[None]) -> Failure:

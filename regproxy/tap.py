@@ -9,6 +9,7 @@ override the file's values when given.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -18,13 +19,16 @@ from twisted.internet import tcp, threads
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
 
 from . import config as configuration
+from .accesslog import AccessLog
 from .cache.blobs import BlobCache
 from .cache.manifests import ManifestCache
 from .cache.store import Store
-from .channel import ChannelLimits, RegistrySite
+from .channel import ChannelLimits, Drain, RegistrySite
 from .config import Config, ConfigError, UpstreamConfig, parse_size
+from .metrics import MULTIPROCESS_ENV, Metrics, MetricsPage
 from .resource import RegistryProxy, Served, Settings
 from .tls import policy_for
 from .upstream import OriginEndpoints, Upstream
@@ -59,6 +63,9 @@ _SERVER_PARAMETERS = {
     "rate-burst": "rate_burst",
     "cache-dir": "cache_dir",
     "cache-max-size": "cache_max_size",
+    "metrics-listen": "metrics_listen",
+    "access-log": "access_log",
+    "drain-timeout": "drain_timeout",
 }
 _LIST_OPTIONS = ("cors-origin", "client", "trusted-proxy", "realm-host", "redirect-host", "upstream-ca")
 
@@ -94,6 +101,9 @@ class Options(usage.Options):
         ["rate-burst", None, 0.0, "Requests a client may make at once above the rate (default: twice the rate).", float],
         ["cache-dir", None, None, "Directory of the pull-through blob cache (default: no cache)."],
         ["cache-max-size", None, "0", "Bytes the cache may hold, e.g. 100G (0: as much as the disk takes)."],
+        ["metrics-listen", None, None, "Endpoint serving Prometheus /metrics, e.g. tcp:9090:interface=127.0.0.1."],
+        ["access-log", None, None, "File for the JSON access log, one line per request (- for stdout)."],
+        ["drain-timeout", None, 30.0, "Seconds transfers in flight may take to finish after SIGTERM.", float],
     ]
     optFlags: list[Any] = [
         ["worker", None, "(internal) run as an extra process of a --workers proxy"],
@@ -186,7 +196,7 @@ class Options(usage.Options):
                         raise ConfigError(f"--{flag}: not a size: {value!r}") from None
                 if flag == "public-url":
                     value = configuration.check_url(value, "--public-url")
-                if flag == "cache-dir":
+                if flag == "cache-dir" or (flag == "access-log" and value != "-"):
                     value = os.path.abspath(value)
                 changes[key] = value
         if self["listen"]:
@@ -306,6 +316,10 @@ def makeService(options: Options, reactor: Any = None) -> IService:
         max_connections=config.max_connections,
         max_connections_per_client=config.max_connections_per_client,
     )
+    if config.metrics_listen and config.workers > 1 and not options["worker"] and MULTIPROCESS_ENV not in os.environ:
+        # Before prometheus_client is first imported: every worker writes into this directory.
+        os.environ[MULTIPROCESS_ENV] = tempfile.mkdtemp(prefix="regproxy-metrics-")
+    metrics = Metrics() if config.metrics_listen or options["worker"] and os.environ.get(MULTIPROCESS_ENV) else None
     cache = manifests = None
     if config.cache_dir:
         store = Store(config.cache_dir, config.cache_max_size)
@@ -313,16 +327,35 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             store, reactor, config.idle_timeout, sync=_fsync_in_thread(reactor), response_timeout=config.response_timeout
         )
         manifests = ManifestCache(store, cache, reactor)
-    proxy = RegistryProxy(served, reactor, settings, cache, manifests)
+    access_log = AccessLog(config.access_log) if config.access_log else None
+    proxy = RegistryProxy(served, reactor, settings, cache, manifests, metrics, access_log)
+    if metrics is not None:
+        for entry in served:
+            entry.upstream.metrics = metrics
+            entry.tokens.metrics = metrics
+        if cache is not None and manifests is not None:
+            cache.metrics = manifests.metrics = manifests.budgets.metrics = metrics
+            cache.store.on_evict = metrics.evictions.inc
     site = RegistrySite(proxy, reactor=reactor, limits=limits)
+    site.access_log = proxy.channel_answer
     site.max_upload_size = config.max_upload_size
     site.displayTracebacks = False
     parent = MultiService()
     if config.workers > 1 or options["worker"]:
         enable_reuse_port()
+    drain = Drain(reactor, proxy, site, config.drain_timeout)
+    drain.setServiceParent(parent)
     listeners = [Listener(reactor, description, site) for description in config.listen]
     for listener in listeners:
         listener.setServiceParent(parent)
+    proxy.readiness.append(lambda: None if all(each.port is not None for each in listeners) else "not listening yet")
+    if cache is not None:
+        directory = cache.store.root
+        proxy.readiness.append(lambda: None if os.access(directory, os.W_OK) else f"cache directory {directory} not writable")
+    if config.metrics_listen and not options["worker"]:
+        assert metrics is not None
+        page = MetricsPage(metrics, before=(lambda: metrics.cache_size.set(cache.store.total_size())) if cache else None)
+        Listener(reactor, config.metrics_listen, Site(page)).setServiceParent(parent)
     if config.workers > 1 and not options["worker"]:
         WorkerSupervisor(
             reactor, listeners, config.workers, lambda listen: worker_args(options, listen)
@@ -343,7 +376,9 @@ def worker_args(options: Options, listen: list[str]) -> list[str]:
         if name in ("config", "workers") or not options._given(name):
             continue
         value = options[name]
-        if name.endswith("-file") or name in ("upstream-ca", "cache-dir"):
+        if name == "metrics-listen":
+            continue  # the first process alone serves the workers' metrics
+        if name.endswith("-file") or name in ("upstream-ca", "cache-dir") or (name == "access-log" and value != "-"):
             value = os.path.abspath(value)
         args += [f"--{name}", str(value)]
     for name in _LIST_OPTIONS:

@@ -100,6 +100,8 @@ class _Worker(ProcessProtocol):
     def __init__(self) -> None:
         self.exited: Deferred[None] = Deferred()
         self.reason: Failure | None = None
+        self.started = 0.0
+        self.pid = 0
 
     def processEnded(self, reason: Failure) -> None:  # type: ignore[override]
         self.reason = reason  # a Failure handed to callback() would count as an error
@@ -119,6 +121,8 @@ class WorkerSupervisor(Service):
         self._count = count
         self._child_args = child_args
         self._workers: dict[_Worker, Any] = {}
+        #: Restart delay: doubled for a worker that dies young, back to 1 s for one that ran a while.
+        self._backoff = 1.0
 
     def startService(self) -> None:
         super().startService()
@@ -139,15 +143,22 @@ class WorkerSupervisor(Service):
             worker, argv[0], argv, env=dict(os.environ), path=os.getcwd(), childFDs={0: "w", 1: 1, 2: 2}
         )
         self._workers[worker] = transport
+        worker.started = self._reactor.seconds()
+        worker.pid = transport.pid
         worker.exited.addCallback(self._ended, worker)
         self.log.info("started worker process {pid}", pid=transport.pid)
 
     def _ended(self, _: None, worker: _Worker) -> None:
         self._workers.pop(worker, None)
+        from .metrics import mark_worker_dead
+
+        mark_worker_dead(worker.pid)
         if self.running:
             why = worker.reason.getErrorMessage() if worker.reason else "?"
-            self.log.warn("worker process ended ({why}); starting another", why=why)
-            self._reactor.callLater(1.0, self._spawn)
+            lived = self._reactor.seconds() - worker.started
+            self._backoff = 1.0 if lived > 60 else min(self._backoff * 2, 30.0)
+            self.log.warn("worker process ended ({why}); starting another in {delay:g}s", why=why, delay=self._backoff)
+            self._reactor.callLater(self._backoff, self._spawn)
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()

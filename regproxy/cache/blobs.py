@@ -103,6 +103,15 @@ def _token_lifetime(authorization: bytes, now: float | None = None) -> float:
     return max(0.0, min(left, 300.0))
 
 
+def _result(status: str) -> str:
+    if "fwd=stale" in status:
+        return "stale"
+    for label in ("revalidated", "collapsed", "stored"):
+        if label in status:
+            return label
+    return "hit" if status.startswith("regproxy; hit") else "passed"
+
+
 class BlobCache:
     """Blobs from the store, shared fills, auth-aware hits."""
 
@@ -128,6 +137,7 @@ class BlobCache:
         self._starting: dict[str, list[Deferred[Growing | None]]] = {}
         self.rights = rights or Rights(clock)
         self.counts: dict[str, int] = {"hit": 0, "stored": 0, "collapsed": 0, "passed": 0, "resumed": 0}
+        self.metrics: Any = None
 
     # rights
 
@@ -156,6 +166,12 @@ class BlobCache:
 
     async def serve(self, origin: Origin, digest: str, method: bytes) -> tuple[IResponse, str]:
         """The answer to a blob GET or HEAD, and its C{Cache-Status}."""
+        answer, status = await self._serve(origin, digest, method)
+        if self.metrics is not None:
+            self.metrics.cache.labels(origin.upstream.name, "blob", _result(status)).inc()
+        return answer, status
+
+    async def _serve(self, origin: Origin, digest: str, method: bytes) -> tuple[IResponse, str]:
         if split_digest(digest) is None:
             return await self._pass(origin, method, "regproxy; fwd=uri-miss")
         blob = self.store.complete(digest)
@@ -279,6 +295,7 @@ class BlobCache:
 
             media = (response.headers.getRawHeaders(b"content-type") or [b"application/octet-stream"])[0]
             fill = Fill(self.store, digest, fd, self._clock, resume, self._idle_timeout, sync=self._sync)
+            fill.upstream = origin.upstream.name
             fill.start(response, size, media.decode("latin-1"))
             self._fills[digest] = fill
             fill.done.addBoth(self._fill_over, digest, fill)
@@ -348,6 +365,10 @@ class BlobCache:
     def _fill_over(self, result: Any, digest: str, fill: Fill) -> Any:
         if self._fills.get(digest) is fill:
             del self._fills[digest]
+        if self.metrics is not None:
+            self.metrics.upstream_bytes.labels(fill.upstream, "blob").inc(fill.written)
+            if fill.resumes:
+                self.metrics.resumes.inc(fill.resumes)
         if isinstance(result, Failure):
             self.log.failure("cache: fill of {digest} ended badly", result, digest=digest)
         return None

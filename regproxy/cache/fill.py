@@ -106,6 +106,8 @@ class Fill(Growing):
         self._sync = sync
         self.resumes = 0
         self.readers = 0
+        #: The upstream it is fetched from (for metrics).
+        self.upstream = "-"
         self.size = 0
         self.media_type = "application/octet-stream"
         self.done: Deferred[None] = Deferred()

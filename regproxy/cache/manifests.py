@@ -139,6 +139,7 @@ class ManifestCache:
         self._revalidating: set[tuple[Any, ...]] = set()
         self._listings: dict[tuple[str, str, str], tuple[float, _Fetched]] = {}
         self.counts: dict[str, int] = {"hit": 0, "stored": 0, "stale": 0, "revalidated": 0, "coalesced": 0, "passed": 0}
+        self.metrics: Any = None
 
     #: How long a tags/list or _catalog answer is kept for when the upstream is down.
     LISTING_STALE = 600.0
@@ -174,8 +175,14 @@ class ManifestCache:
 
     async def serve(self, origin: Origin, reference: str, method: bytes, rules: Sequence[TagRule]) -> tuple[IResponse, str]:
         if ":" in reference:
-            return await self._by_digest(origin, reference, method, rules)
-        return await self._by_tag(origin, reference, method, rules)
+            answer, status = await self._by_digest(origin, reference, method, rules)
+        else:
+            answer, status = await self._by_tag(origin, reference, method, rules)
+        if self.metrics is not None:
+            from .blobs import _result
+
+            self.metrics.cache.labels(origin.upstream.name, "manifest", _result(status)).inc()
+        return answer, status
 
     # who is asking
 

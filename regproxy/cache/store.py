@@ -24,7 +24,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +110,8 @@ class Store:
         self._reading: dict[str, int] = {}
         self._touched: dict[str, float] = {}
         self._degraded_until = 0.0
+        #: Told how many blobs each eviction removed (metrics).
+        self.on_evict: Callable[[int], None] | None = None
         self.recover()
 
     # health
@@ -338,6 +340,8 @@ class Store:
             removed.append(digest)
         if removed:
             self.log.info("cache: evicted {count} blob(s) to stay under {limit} bytes", count=len(removed), limit=self.max_size)
+            if self.on_evict is not None:
+                self.on_evict(len(removed))
         return removed
 
     # start-up

@@ -15,6 +15,7 @@ its own behalf (L{regproxy.upstream.tokens}).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from twisted.internet.defer import Deferred, TimeoutError
@@ -52,6 +53,23 @@ def timed_out(result: object, timeout: float) -> object:
     if isinstance(result, Failure):
         raise TimeoutError(f"no response head within {timeout:g}s")
     return result
+
+
+def _error_kind(error: BaseException) -> str:
+    """A bounded label for an upstream failure."""
+    from twisted.internet.defer import CancelledError
+    from twisted.internet.error import ConnectError, DNSLookupError
+
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    if isinstance(error, CancelledError):
+        return "cancelled"
+    if isinstance(error, (ConnectError, DNSLookupError)):
+        return "unreachable"
+    text = repr(error)
+    if "SSL" in text or "certificate" in text or "Verification" in text:
+        return "tls"
+    return "other"
 
 
 class _Discard(Protocol):
@@ -101,6 +119,7 @@ class Upstream:
     realm: str | None = None
     service: str | None = None
     scheme: str | None = None
+    metrics: Any = None
     log: Logger = field(default_factory=Logger)
 
     def __post_init__(self) -> None:
@@ -246,7 +265,15 @@ class Upstream:
         limit = self.response_timeout if timeout is None else timeout
         if limit:
             d.addTimeout(limit, self.clock, onTimeoutCancel=timed_out)
-        return await d
+        if self.metrics is None:
+            return await d
+        try:
+            response = await d
+        except BaseException as e:
+            self.metrics.upstream_errors.labels(self.name, _error_kind(e)).inc()
+            raise
+        self.metrics.upstream_requests.labels(self.name, method.decode("latin-1"), f"{response.code // 100}xx").inc()
+        return response
 
     async def fetch(
         self,

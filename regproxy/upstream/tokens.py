@@ -68,6 +68,7 @@ class UpstreamTokens:
         self._tokens: dict[str, _Token] = {}
         self._waiting: dict[str, list[Deferred[str]]] = {}
         self.fetches = 0
+        self.metrics: Any = None
 
     async def authorization(self, scope: str, fresh: bool = False) -> bytes | None:
         """The C{Authorization} value for the proxy's own request in C{scope}.
@@ -99,6 +100,9 @@ class UpstreamTokens:
         return await waiter
 
     def _deliver(self, result: str | Failure, scope: str) -> None:
+        if self.metrics is not None:
+            outcome = "ok" if not isinstance(result, Failure) else "failed"
+            self.metrics.token_fetches.labels(self._upstream.name, outcome).inc()
         for waiter in self._waiting.pop(scope, []):
             if isinstance(result, Failure):
                 waiter.errback(result)

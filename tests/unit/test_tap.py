@@ -54,8 +54,8 @@ def test_acceptance_command_line_spellings(tmp_path: Path) -> None:
     assert options["library-prefix"] is True
     service = makeService(options, MemoryReactor())
     assert isinstance(service, MultiService)
-    children = list(service)
-    assert len(children) == 2 and all(isinstance(c, Listener) for c in children)
+    listeners = [c for c in service if isinstance(c, Listener)]
+    assert len(listeners) == 2 and [c.description for c in listeners] == list(options["config"].listen)
 
 
 def test_workers_share_bound_ports() -> None:
