@@ -8,15 +8,15 @@ body was read (which the client must still be able to read).
 
 from __future__ import annotations
 
-import weakref
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IAddress, IDelayedCall
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
@@ -121,6 +121,8 @@ class RegistryChannel(HTTPChannel):
             log(str(peer), status, note)
 
     def requestDone(self, request: Any) -> None:
+        if getattr(getattr(self, "site", None), "draining", False):
+            self.persistent = False  # draining: this connection ends with this answer
         pending = getattr(request, "body_pending", None)
         if not self.persistent and pending is not None and pending():
             upload = getattr(request, "upload", None)
@@ -170,6 +172,9 @@ class RegistryChannel(HTTPChannel):
         self._header_timer = self._lingering = None
         self._release()
         super().connectionLost(reason)
+        site = getattr(self, "site", None)
+        if isinstance(site, RegistrySite):
+            site.channel_closed(self)
 
     _release_key: str | None = None
 
@@ -179,6 +184,24 @@ class RegistryChannel(HTTPChannel):
             connections = getattr(getattr(self, "site", None), "connections", None)
             if connections is not None:
                 connections.release(key)
+
+
+def graceful_sigterm(reactor: Any) -> None:
+    """Make SIGTERM a drain that ends with exit status 0.
+
+    C{twist} stops the reactor on SIGTERM too, but then re-raises the signal at
+    exit (status -15), which process supervisors read as a crash. Installed after
+    start-up, over Twisted's own handler; SIGINT keeps Twisted's behaviour.
+    """
+    import signal
+
+    log = Logger()
+
+    def stop(number: int, frame: object) -> None:
+        log.info("SIGTERM: draining, then exiting")
+        reactor.callFromThread(reactor.stop)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 class Drain(Service):
@@ -192,23 +215,33 @@ class Drain(Service):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, proxy: Any, site: RegistrySite, timeout: float) -> None:
+    def __init__(self, reactor: Any, proxy: Any, site: RegistrySite, timeout: float, pools: Any = ()) -> None:
         self._reactor = reactor
         self._proxy = proxy
         self._site = site
         self._timeout = timeout
+        self.pools = list(pools)
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        return Deferred.fromCoroutine(self._drain())
+
+    async def _drain(self) -> None:
         self._proxy.draining = True
+        self._site.draining = True
         self._site.close_idle()
         active = self._proxy.active
         if active:
             self.log.info("draining: waiting up to {timeout}s for {active} request(s)", timeout=self._timeout, active=active)
-        done: Deferred[None] = self._proxy.idle()
+        finished: Deferred[None] = self._proxy.idle()
+        # Then every connection closed (its last bytes flushed), and the upstream pools.
+        finished.addCallback(lambda _: deferLater(self._reactor, 0, self._site.close_idle))
+        finished.addCallback(lambda _: self._site.all_closed())
         if self._timeout > 0:
-            done.addTimeout(self._timeout, self._reactor, onTimeoutCancel=self._cut)
-        return done
+            finished.addTimeout(self._timeout, self._reactor, onTimeoutCancel=self._cut)
+        await finished
+        for pool in self.pools:
+            await pool.closeCachedConnections()
 
     def _cut(self, result: object, timeout: float) -> None:
         self.log.warn("drain timeout ({timeout}s): cutting {active} request(s)", timeout=timeout, active=self._proxy.active)
@@ -285,20 +318,38 @@ class RegistrySite(Site):
     #: Read by L{StreamingRequest}: the largest upload body accepted, 0 for no limit.
     max_upload_size = 0
     log_refusals = Logger()
+    #: Set when the proxy stops: every connection ends with its current answer.
+    draining = False
 
     def __init__(self, resource: Any, *args: Any, limits: ChannelLimits | None = None, **kwargs: Any) -> None:
         super().__init__(resource, *args, **kwargs)
         self.limits = limits or ChannelLimits()
         self.connections = ConnectionCounter()
-        self.channels: weakref.WeakSet[RegistryChannel] = weakref.WeakSet()
+        self.channels: set[RegistryChannel] = set()
+        self._closed_waiters: list[Deferred[None]] = []
         #: Where requests the channel answers itself (400, 408, 503) are logged, like any other.
         self.access_log: Callable[[str, int, str], None] | None = None
 
     def close_idle(self) -> None:
-        """Close keep-alive connections with no request in progress (draining)."""
+        """Close keep-alive connections with no request in progress (draining); their writes are flushed first."""
         for channel in list(self.channels):
             if not channel.requests and channel.transport is not None:
                 channel.transport.loseConnection()
+
+    def all_closed(self) -> Deferred[None]:
+        """Fires once every client connection is closed."""
+        if not self.channels:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred()
+        self._closed_waiters.append(waiter)
+        return waiter
+
+    def channel_closed(self, channel: RegistryChannel) -> None:
+        self.channels.discard(channel)
+        if not self.channels and self._closed_waiters:
+            waiters, self._closed_waiters = self._closed_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
 
     def close_all(self) -> None:
         for channel in list(self.channels):

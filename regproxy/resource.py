@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote, unquote
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
@@ -120,6 +121,8 @@ class Served:
     config: UpstreamConfig
     upstream: Upstream
     tokens: UpstreamTokens
+    #: Its connection pools (closed when the proxy stops).
+    pools: list[Any] = field(default_factory=list)
 
 
 class RegistryProxy(Resource):

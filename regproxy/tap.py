@@ -8,7 +8,9 @@ override the file's values when given.
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -26,7 +28,7 @@ from .accesslog import AccessLog
 from .cache.blobs import BlobCache
 from .cache.manifests import ManifestCache
 from .cache.store import Store
-from .channel import ChannelLimits, Drain, RegistrySite
+from .channel import ChannelLimits, Drain, RegistrySite, graceful_sigterm
 from .config import Config, ConfigError, UpstreamConfig, parse_size
 from .metrics import MULTIPROCESS_ENV, Metrics, MetricsPage
 from .resource import RegistryProxy, Served, Settings
@@ -252,6 +254,7 @@ def build_upstream(config: UpstreamConfig, settings: Config, tls: Any, reactor: 
     pool = QuietPool(reactor, persistent=True)
     pool.maxPersistentPerHost = 32
     pool.cachedConnectionTimeout = 60
+    body_pool = QuietPool(reactor, persistent=False)
     policy = outbound_policy_for(config)
     endpoints = OriginEndpoints(reactor, tls, settings.connect_timeout, policy)
 
@@ -263,7 +266,7 @@ def build_upstream(config: UpstreamConfig, settings: Config, tls: Any, reactor: 
         config,
         agent(pool),
         reactor,
-        body_agent=agent(QuietPool(reactor, persistent=False)),
+        body_agent=agent(body_pool),
         response_timeout=settings.response_timeout,
         max_redirects=settings.max_redirects,
         policy=policy,
@@ -276,7 +279,9 @@ def build_upstream(config: UpstreamConfig, settings: Config, tls: Any, reactor: 
             name=config.name,
             user=config.username,
         )
-    return Served(config, upstream, UpstreamTokens(upstream, reactor, config.credentials))
+    served = Served(config, upstream, UpstreamTokens(upstream, reactor, config.credentials))
+    served.pools = [pool, body_pool]
+    return served
 
 
 def _fsync_in_thread(reactor: Any) -> Callable[[int], Awaitable[None]]:
@@ -319,6 +324,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if config.metrics_listen and config.workers > 1 and not options["worker"] and MULTIPROCESS_ENV not in os.environ:
         # Before prometheus_client is first imported: every worker writes into this directory.
         os.environ[MULTIPROCESS_ENV] = tempfile.mkdtemp(prefix="regproxy-metrics-")
+        atexit.register(shutil.rmtree, os.environ[MULTIPROCESS_ENV], True)
     metrics = Metrics() if config.metrics_listen or options["worker"] and os.environ.get(MULTIPROCESS_ENV) else None
     cache = manifests = None
     if config.cache_dir:
@@ -343,7 +349,9 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     parent = MultiService()
     if config.workers > 1 or options["worker"]:
         enable_reuse_port()
-    drain = Drain(reactor, proxy, site, config.drain_timeout)
+    drain = Drain(reactor, proxy, site, config.drain_timeout, [p for entry in served for p in entry.pools])
+    if hasattr(reactor, "addSystemEventTrigger"):
+        reactor.addSystemEventTrigger("after", "startup", graceful_sigterm, reactor)
     drain.setServiceParent(parent)
     listeners = [Listener(reactor, description, site) for description in config.listen]
     for listener in listeners:
