@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.manyconfig import config_proxy, many_upstreams
 from tests.proxyproc import ProxyProcess
 from tests.upstream.hub import Hub
+from tests.upstream.registries import CompanyRegistry, GhcrRegistry
 
 pytest_plugins = ["tests.upstream.fixtures"]
 
@@ -59,3 +61,10 @@ def proxy(hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyP
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def many_proxy(hub: Hub, ghcr: GhcrRegistry, company: CompanyRegistry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    """regproxy with --config serving docker.io (hub, default), ghcr.io (also Host ghcr.mirror.test) and registry.corp.test; plain HTTP."""
+    with config_proxy(tmp_path_factory.mktemp("many-proxy"), many_upstreams(hub, ghcr, company)) as started:
+        yield started

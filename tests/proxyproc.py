@@ -47,6 +47,9 @@ class ProxyProcess:
     tls_port: int = 0
     pki: PKIFiles | None = None
     process: subprocess.Popen[bytes] | None = None
+    #: A TOML configuration (C{--config FILE}); the upstreams are then the file's and
+    #: C{upstream} is not passed (C{--upstream} and C{--config} exclude each other).
+    config: Path | None = None
     log_path: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -83,6 +86,8 @@ class ProxyProcess:
                 f"ssl:{self.tls_port}:interface=127.0.0.1"
                 f":privateKey={self.pki.server_key}:certKey={self.pki.server_cert}",
             ]
+        if self.config is not None:
+            return argv + ["--config", str(self.config), *self.args]
         return argv + ["--upstream", self.upstream, *self.args]
 
     def start(self, timeout: float = 20.0) -> ProxyProcess:

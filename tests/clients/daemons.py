@@ -76,6 +76,10 @@ HUB_NAMES = (
     "production.cloudflare.docker.com",
 )
 
+#: Names of the proxy itself (an upstream selected by ``Host``, see tests/manyconfig.py),
+#: resolved to 127.0.0.1 in the clients' namespace.
+PROXY_NAMES = ("ghcr.mirror.test",)
+
 DEFAULT_TIMEOUT = 300.0
 
 
@@ -127,6 +131,7 @@ def _hosts_text() -> str:
         pass
     lines.append("127.0.0.1 " + " ".join(HUB_NAMES))
     lines.append("::1 " + " ".join(HUB_NAMES))
+    lines.append("127.0.0.1 " + " ".join(PROXY_NAMES))
     return "\n".join(lines) + "\n"
 
 
