@@ -189,3 +189,35 @@ def test_one_scrape_covers_every_worker(hub: Hub, tmp_path: Path) -> None:
             assert request("GET", proxy.url + "/healthz").status == 200  # a new connection each time
         after = total(scrape(metrics_port), "regproxy_requests_total", kind="health")
         assert after - before == 40
+
+
+def test_warm_then_list_the_cache(hub: Hub, tmp_path: Path) -> None:
+    """`python -m regproxy warm` fills the cache through the proxy (every platform of an index); `cache` lists it."""
+    import subprocess
+    import sys
+
+    cache_dir = tmp_path / "cache"
+    args = ["--upstream-ca", str(hub.ca_pem), "--library-prefix", "--cache-dir", str(cache_dir)]
+    multi = hub.images["library/multi:latest"]
+    with ProxyProcess(tmp_path, hub.registry_url, args, tls=False) as proxy:
+        warmed = subprocess.run(
+            [sys.executable, "-m", "regproxy", "warm", "--proxy", proxy.url, "library/multi:latest", "alpine:3.19"],
+            capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2],
+        )
+        assert warmed.returncode == 0, warmed.stdout + warmed.stderr
+        assert "0 failure(s)" in warmed.stdout and "library/multi:latest: 3 manifest(s)" in warmed.stdout
+        mark = len(hub.cdn_log())
+        child = next(iter(multi.platforms.values()))
+        reply = request("GET", f"{proxy.url}/v2/library/multi/blobs/{child.layers[0].digest}", anonymous(proxy))
+        assert reply.header("Cache-Status") == "regproxy; hit"
+        assert hub.cdn_log()[mark:] == []
+    listed = subprocess.run(
+        [sys.executable, "-m", "regproxy", "cache", "--cache-dir", str(cache_dir), "--json"],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2],
+    )
+    assert listed.returncode == 0, listed.stderr
+    content = json.loads(listed.stdout)
+    digests = {b["digest"] for b in content["blobs"]}
+    assert multi.digest in digests and all(b.digest in digests for c in multi.platforms.values() for b in c.blobs())
+    assert content["total_size"] == sum(b["size"] for b in content["blobs"])
+    assert any(t["repository"] == "library/multi" and t["tag"] == "latest" for t in content["tags"])

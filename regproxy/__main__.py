@@ -1,0 +1,7 @@
+"""``python -m regproxy``: see L{regproxy.cli}."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
