@@ -55,8 +55,10 @@ def rewrite_headers(
             [rewrite_challenge(v.decode("latin-1"), view.token_realm, names.to_client)[0].encode("latin-1") for v in challenges],
         )
 
+    renames, prefix = (names.spelled, names.prefix) if names.url_prefix is None else ({}, names.url_prefix)
+
     def url_to_client(url: str) -> str:
-        return rewrite_url(url, upstream_origin, upstream_prefix, view.base, names.spelled, names.prefix)
+        return rewrite_url(url, upstream_origin, upstream_prefix, view.base, renames, prefix)
 
     locations = headers.getRawHeaders(b"location")
     if locations:

@@ -617,18 +617,27 @@ class RegistryProxy(Resource):
         if not asked.credentials and asked.pull_only:
             exchange.credentials = Credentials.PROXY.value
             return _answer(request, 200, b"application/json", proxy_token_document(self._clock.seconds()))
-        exchange.credentials = Credentials.CLIENT.value
         upstream = served.upstream
+        if upstream.scheme is None:
+            await upstream.discover()
+        if upstream.scheme != "bearer":
+            # It takes no tokens (no auth, or Basic straight on each request):
+            # the proxy's own token is as good as any, whatever the client sent.
+            exchange.credentials = Credentials.PROXY.value
+            return _answer(request, 200, b"application/json", proxy_token_document(self._clock.seconds()))
+        exchange.credentials = Credentials.CLIENT.value
         realm = await upstream.token_realm()
         names: NameMap = selection.names
         headers = upstream_request_headers(request.requestHeaders)
+        # A refresh token is one registry's: only where the name the client logged in to means one registry.
+        refresh = selection.by_host or len(self._table.upstreams) == 1
         if request.method == b"GET":
-            rewritten = upstream_query(query, names.to_upstream, foreign, upstream.service)
+            rewritten = upstream_query(query, names.to_upstream, foreign, upstream.service, refresh)
             url = realm + ("&" if "?" in realm else "?") + rewritten.decode("ascii") if rewritten else realm
             body: IBodyProducer | None = None
         else:
             url = realm
-            body = BytesBody(upstream_query(form, names.to_upstream, foreign, upstream.service))
+            body = BytesBody(upstream_query(form, names.to_upstream, foreign, upstream.service, refresh))
         response = await upstream.send(request.method, url, headers, body)
         exchange.upstream_status = response.code
         exchange.head_ready = self._clock.seconds()

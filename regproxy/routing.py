@@ -39,6 +39,10 @@ class NameMap:
     prefix: str = ""
     library_prefix: bool = False
     spelled: dict[str, str] = field(default_factory=dict)
+    #: For URLs handed back (Location, Link) when the client named the registry
+    #: only in C{?ns=}: a path prefix, since clients don't add C{ns} to every
+    #: request (containerd's pushes don't) and the URL must still select it.
+    url_prefix: str | None = None
 
     def to_upstream(self, client_name: str) -> str:
         """The upstream's name for a name the client sent (path, scope, mount source)."""
@@ -137,6 +141,7 @@ class UpstreamTable(Generic[U]):
                     raise self.unknown(first)
                 prefix = first + "/"
         namespace = _namespace(query)
+        by_namespace = False
         if namespace is not None:
             named = self.by_name(namespace)
             if named is None:
@@ -147,6 +152,7 @@ class UpstreamTable(Generic[U]):
                     "DENIED",
                     f"?ns={namespace} names {named[0].name!r} but the request is for {chosen[0].name!r}",
                 )
+            by_namespace = chosen is None
             chosen = named
         if chosen is None:
             chosen = self._default
@@ -158,6 +164,8 @@ class UpstreamTable(Generic[U]):
                 )
         config, upstream = chosen
         names = NameMap(prefix, config.library_prefix)
+        if by_namespace and not config.default:
+            names.url_prefix = config.name + "/"
         if name is not None:
             up = names.to_upstream(name)
             route = routes.Route(route.kind, up, route.reference)
@@ -184,13 +192,14 @@ class UpstreamTable(Generic[U]):
             first, sep, _ = name.partition("/")
             if sep and is_registry_name(first):
                 prefixed[name] = self.by_name(first)
-        if chosen is None:
-            for name in scope_names:
-                if name in prefixed:
-                    chosen = prefixed[name]
-                    if chosen is None:
-                        raise self.unknown(name.partition("/")[0])
-                    break
+        if chosen is None and scope_names:
+            # The first scope names the registry (docker puts a mount's target
+            # first, its source after); an unprefixed one means the default.
+            first_name = scope_names[0]
+            if first_name in prefixed:
+                chosen = prefixed[first_name]
+                if chosen is None:
+                    raise self.unknown(first_name.partition("/")[0])
         if chosen is None:
             chosen = self._default
             if chosen is None:
@@ -204,6 +213,8 @@ class UpstreamTable(Generic[U]):
                     foreign.add(name)
                 else:
                     prefix = name.partition("/")[0] + "/"
+            elif not config.default and not by_host and not suffix:
+                foreign.add(name)  # an unprefixed name is the default upstream's
         names = NameMap(prefix if not by_host else "", config.library_prefix)
         return Selection(upstream, names, by_host), foreign
 

@@ -172,9 +172,9 @@ def test_ctr_push_via_override_path_lands_on_second_registry(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="defect: containerd sends no ?ns= on pushes, so a push through a hosts.toml mirror for ghcr.io has no "
-    "selector and goes to the default upstream: ghcr.io/owner/ctr-ns:1 lands on the Hub (with alice's ghcr "
-    "credentials at the Hub's token server) and ctr reports success",
+    reason="limitation (containerd, documented in the README): containerd sends no ?ns= on pushes, so a push "
+    "through a plain hosts.toml mirror for ghcr.io names no registry and goes to the default upstream; push "
+    "through an override_path or Host mirror instead (test_ctr_push_via_override_path_goes_to_its_registry)",
 )
 def test_ctr_push_via_ns_mirror_never_lands_on_another_registry(
     ctr_client: Containerd,
@@ -308,11 +308,6 @@ def test_docker_private_pull_anonymous_is_unauthorized(
     assert_no_proxy_errors(many_log)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: `docker login PROXY` stores the default upstream's refresh token (identity token); the proxy "
-    "forwards it to ghcr's token server, which never issued it (401 invalid refresh token)",
-)
 def test_docker_login_then_private_pull(
     docker_client: Dockerd, many_proxy: ProxyProcess, ghcr: GhcrRegistry, many_log: ProxyLog
 ) -> None:
@@ -367,11 +362,6 @@ def test_docker_push_to_hub_through_many_proxy(
     assert_no_proxy_errors(many_log)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: the push token request carries the refresh token `docker login PROXY` got from the default "
-    "upstream; ghcr's token server refuses it",
-)
 def test_docker_push_to_second_registry_with_login(
     docker_client: Dockerd, many_proxy: ProxyProcess, ghcr: GhcrRegistry, many_log: ProxyLog
 ) -> None:
@@ -438,12 +428,6 @@ def test_docker_password_credentials_pull_and_push_second_registry(
     assert_no_proxy_errors(many_log)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: docker's mount token request (scopes myorg/mounted push + ghcr.io/owner/tool pull) is sent "
-    "to ghcr's token server with the client's credentials; the mount then fails at the Hub (401) and docker "
-    "falls back to uploading",
-)
 def test_docker_push_mounting_from_another_registry(
     docker_client: Dockerd, many_proxy: ProxyProcess, hub: Hub, ghcr: GhcrRegistry, many_log: ProxyLog
 ) -> None:
@@ -465,11 +449,6 @@ def test_docker_push_mounting_from_another_registry(
     assert all(e["status"] == "202" for e in mounts), mounts
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a token request with credentials for an upstream without token auth (registry.corp.test) is "
-    "answered 404 UNSUPPORTED, so a docker logged in to the proxy cannot pull from it",
-)
 def test_docker_login_then_pull_from_registry_without_auth(
     docker_client: Dockerd, many_proxy: ProxyProcess, company: CompanyRegistry, many_log: ProxyLog
 ) -> None:

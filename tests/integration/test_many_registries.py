@@ -637,43 +637,25 @@ def test_client_credentials_win_over_the_account(account_proxy: ProxyProcess, hu
     assert len(tokens_since(hub, marks["hub_tokens"])) == 1
 
 
-# -- defects (strict xfail: each turns into a failure once fixed, so the marker comes off) ------------------
+# -- found by these tests, fixed: each pinned here -------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a refresh token from a login at the proxy (issued by the default upstream's token server) "
-    "is forwarded to ghcr's token server, which refuses it: 401 invalid refresh token",
-)
-def test_login_refresh_token_works_for_the_second_registry(
+def test_login_at_a_many_registry_proxy_keeps_credentials_not_a_refresh_token(
     many_proxy: ProxyProcess, hub: Hub, ghcr: GhcrRegistry, marks: dict[str, int]
 ) -> None:
-    """What `docker login PROXY` then `docker pull PROXY/ghcr.io/private/secret` does: the identity token from the login gets a ghcr token."""
+    """`docker login PROXY` gets no refresh token (it would be one registry's), so docker's credentials reach each registry."""
     login = urlencode(
         [("account", "alice"), ("client_id", "docker"), ("offline_token", "true"), ("service", hub.service)]
     )
     r = request("GET", f"{many_proxy.url}/token?{login}", {"Authorization": basic("alice", "wonderland")})
     assert r.status == 200, r.body
-    refresh = r.json()["refresh_token"]  # type: ignore[index]
-    form = urlencode(
-        [
-            ("grant_type", "refresh_token"),
-            ("refresh_token", refresh),
-            ("service", hub.service),
-            ("client_id", "docker"),
-            ("scope", "repository:ghcr.io/private/secret:pull"),
-        ]
-    ).encode()
-    r = request("POST", many_proxy.url + "/token", {"Content-Type": "application/x-www-form-urlencoded"}, form)
+    assert "refresh_token" not in r.json()  # type: ignore[operator]
+    query = urlencode([("account", "alice"), ("scope", "repository:ghcr.io/private/secret:pull")])
+    r = request("GET", f"{many_proxy.url}/token?{query}", {"Authorization": basic("alice", "wonderland")})
     seen = tokens_since(ghcr, marks["ghcr_tokens"])
-    assert r.status == 200, (r.status, r.body, [(e["method"], e["status"], e["username"]) for e in seen])
+    assert r.status == 200 and [e["username"] for e in seen] == ["alice"], (r.status, r.body, seen)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a token request with credentials for an upstream without token auth is a 404 UNSUPPORTED; "
-    "a client logged in to the proxy (docker login PROXY) then cannot pull PROXY/registry.corp.test/...",
-)
 def test_credentialed_token_request_for_registry_without_auth(many_proxy: ProxyProcess, company: CompanyRegistry) -> None:
     """A client that sends its credentials to /token for registry.corp.test (no auth upstream) still gets a token it can read with."""
     query = urlencode([("service", "registry.test"), ("scope", f"repository:{CORP}/team/app:pull")])
@@ -684,11 +666,6 @@ def test_credentialed_token_request_for_registry_without_auth(many_proxy: ProxyP
     assert m.status == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: an upload started with ?ns=ghcr.io gets a Location without any selector (no prefix, no ns), "
-    "so the PUT that follows goes to the default upstream (the Hub), with the client's ghcr token",
-)
 def test_upload_started_with_ns_stays_on_its_registry(
     many_proxy: ProxyProcess, hub: Hub, ghcr: GhcrRegistry, marks: dict[str, int]
 ) -> None:
@@ -713,12 +690,6 @@ def test_upload_started_with_ns_stays_on_its_registry(
     assert ghcr.head(f"/v2/owner/ns-upload/blobs/{digest}").status == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: /token picks the upstream of the first registry-PREFIXED scope, not of the first scope: "
-    "docker's mount token request (target myorg/x on the default, source ghcr.io/...) sends the client's "
-    "credentials to ghcr's token server, which mints a ghcr token for its own myorg/x",
-)
 def test_token_request_follows_the_first_scope(
     many_proxy: ProxyProcess, hub: Hub, ghcr: GhcrRegistry, marks: dict[str, int]
 ) -> None:
