@@ -1,0 +1,1 @@
+"""Request fuzzing: a real regproxy process fed generated (valid, invalid and hostile) HTTP requests."""

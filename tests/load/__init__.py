@@ -1,0 +1,1 @@
+"""Load tests: many concurrent real pulls through one regproxy process."""
