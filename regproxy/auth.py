@@ -10,7 +10,7 @@ repository names in C{scope} given the spelling the client used.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, quote, urlencode
 
@@ -103,9 +103,49 @@ def rewrite_challenge(value: str, proxy_realm: str, rename: Callable[[str], str]
     return challenge.render(), realm
 
 
-def token_query(query: bytes, rename: Callable[[str], str]) -> bytes:
-    """The token request's query for the upstream realm: every parameter kept, in order,
-    each C{scope} (Docker repeats the parameter, one per scope) renamed."""
-    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-    pairs = [(k, map_scope(v, rename) if k == "scope" else v) for k, v in pairs]
-    return urlencode(pairs, quote_via=quote, safe="").encode("ascii")
+#: What asks a token server for a refresh token (docker login's identity token).
+_OFFLINE = {("offline_token", "true"), ("access_type", "offline")}
+
+
+def token_query(
+    query: bytes,
+    rename: Callable[[str], str],
+    foreign: Collection[str] = (),
+    service: str | None = None,
+    refresh_tokens: bool = True,
+) -> bytes:
+    """The token request's query (or OAuth2 form) for the upstream realm.
+
+    Every parameter is kept, in order, byte for byte (percent-escapes that are
+    not UTF-8, a latin-1 password, survive: the text is read and written as
+    latin-1); each C{scope} (Docker repeats the parameter, one per scope) is
+    renamed. Scopes naming C{foreign} repositories (another upstream's) are
+    dropped: this realm can't grant them. C{service} replaces the client's
+    (it may have come from another upstream's challenge). Without
+    C{refresh_tokens} no refresh token is asked for: one proxy name serving
+    several registries can't hand out one registry's refresh token, which
+    docker would then present to all of them; without one, docker keeps the
+    credentials and sends them for each.
+    """
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True, encoding="latin-1")
+    kept: list[tuple[str, str]] = []
+    for key, value in pairs:
+        if not refresh_tokens and (key, value.lower()) in _OFFLINE:
+            continue
+        if key == "scope":
+            items = [i for i in value.split(" ") if not _names_one_of(i, foreign)]
+            if not items:
+                continue
+            value = map_scope(" ".join(items), rename)
+        elif key == "service" and service:
+            value = service
+        kept.append((key, value))
+    if service and not any(k == "service" for k, _ in kept):
+        kept.append(("service", service))
+    return urlencode(kept, quote_via=quote, safe="", encoding="latin-1").encode("ascii")
+
+
+def _names_one_of(item: str, names: Collection[str]) -> bool:
+    kind, sep, rest = item.partition(":")
+    name, sep2, _ = rest.rpartition(":")
+    return bool(sep and sep2 and kind.split("(")[0] == "repository" and name in names)

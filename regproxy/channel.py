@@ -56,6 +56,8 @@ class RegistryChannel(HTTPChannel):
     _header_timer: IDelayedCall | None = None
     _awaiting_head = True
     _lingering: IDelayedCall | None = None
+    #: The rest of the connection's bytes are dropped (after a malformed body).
+    _discarding = False
     _linger_deadline = 0.0
     _linger_left: int | None = None
 
@@ -71,6 +73,8 @@ class RegistryChannel(HTTPChannel):
         return float(clock.seconds())
 
     def dataReceived(self, data: bytes) -> None:
+        if self._discarding:
+            return
         if self._lingering is not None:
             self._drop_lingering(data)
             return
@@ -108,9 +112,19 @@ class RegistryChannel(HTTPChannel):
         self.transport.loseConnection()  # type: ignore[union-attr]
 
     def _respondToBadRequestAndDisconnect(self) -> None:
-        # Twisted's own answer to a malformed request line or header (a private
-        # hook, the only one there is; tests/unit/test_defects.py pins it): the
-        # request never reaches the resource, but it still gets its log line.
+        # Twisted's own answer to a malformed request line, header or chunked
+        # body (a private hook, the only one there is; tests/unit/test_defects.py
+        # pins it). A request the resource already has (dispatched before its
+        # body, a streamed upload or a refused body) must not get a second
+        # answer: it is told its body is malformed and answers (once) itself;
+        # the rest of the connection's bytes are dropped. Otherwise Twisted
+        # answers, and the request still gets its log line.
+        current = self.requests[-1] if self.requests else None
+        if current is not None and getattr(current, "_dispatched", False):
+            self._discarding = True
+            self.persistent = False
+            current.body_malformed()
+            return
         self._log_own(400, "malformed request")
         super()._respondToBadRequestAndDisconnect()  # type: ignore[misc]
 
@@ -124,7 +138,7 @@ class RegistryChannel(HTTPChannel):
         if getattr(getattr(self, "site", None), "draining", False):
             self.persistent = False  # draining: this connection ends with this answer
         pending = getattr(request, "body_pending", None)
-        if not self.persistent and pending is not None and pending():
+        if not self.persistent and pending is not None and pending() and not self._discarding:
             upload = getattr(request, "upload", None)
             known = getattr(upload, "length", None)
             if isinstance(known, int) and upload is not None:

@@ -6,6 +6,7 @@ URLs the upstream hands out are made to point at the proxy) is unit-testable.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
@@ -151,25 +152,45 @@ def rewrite_url(
     Absolute URLs at the upstream's origin become absolute URLs at C{public_base};
     relative ones stay relative. Only the path changes: the query (an upload's
     C{_state}) is kept byte for byte. URLs for other hosts, and URLs too
-    malformed to parse (an unbalanced C{[}), are returned as they are.
+    malformed to parse (an unbalanced C{[}), are returned as they are. The URL
+    is cut into parts here rather than by C{urlsplit}, which silently drops
+    tabs and newlines and would shift everything after them.
     """
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.scheme or parts.netloc:
-        if origin(url) != upstream_origin:
+    authority = _authority_start(url)
+    if authority is not None:
+        try:
+            if origin(url) != upstream_origin:
+                return url
+        except ValueError:
             return url
+        path_start = _first_of(url, "/?#", authority)
         head = public_base.rstrip("/")
     else:
+        path_start = 0
         head = ""
-    path = parts.path
+    path_end = _first_of(url, "?#", path_start)
+    path = url[path_start:path_end]
     if upstream_prefix and path.startswith(upstream_prefix + "/"):
         path = path[len(upstream_prefix) :]
-    path = rename_path(path, renames, name_prefix)
-    path_start = url.find("//") + 2 + len(parts.netloc) if head else 0
-    rest = url[path_start + len(parts.path) :]
-    return head + path + rest
+    return head + rename_path(path, renames, name_prefix) + url[path_end:]
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*")
+
+
+def _authority_start(url: str) -> int | None:
+    """Where the host of an absolute (C{scheme://}) or network-path (C{//}) URL starts; C{None} if relative."""
+    if url.startswith("//"):
+        return 2
+    scheme, sep, _ = url.partition("://")
+    if sep and _SCHEME.fullmatch(scheme):
+        return len(scheme) + 3
+    return None
+
+
+def _first_of(text: str, characters: str, start: int) -> int:
+    found = [i for i in (text.find(c, start) for c in characters) if i >= 0]
+    return min(found) if found else len(text)
 
 
 def rewrite_link(value: str, rewrite: Callable[[str], str]) -> str:

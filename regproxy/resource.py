@@ -31,6 +31,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from . import errors, landing, routes
 from .accesslog import AccessLog, request_id, timestamp
+from .auth import token_query
 from .cache.blobs import BlobCache, Origin, identity
 from .cache.manifests import ManifestCache
 from .cache.reader import BytesAnswer, FileAnswer
@@ -51,7 +52,7 @@ from .policy import (
 from .relay import ClientView, close_if_body_pending, gone, rewrite_headers, stream, token_path
 from .routing import NameMap, Selection, UpstreamTable
 from .source import from_upstream
-from .token import parse_request, proxy_token_document, upstream_query
+from .token import parse_request, proxy_token_document
 from .upload import MAX_FORM_BODY, MAX_SMALL_BODY, BytesBody, UploadBody
 from .upstream import Upstream, discard
 from .upstream.tokens import UpstreamTokens
@@ -246,6 +247,8 @@ class RegistryProxy(Resource):
         client = exchange.client if exchange.client != "-" else str(getattr(request.getClientAddress(), "host", "-"))
         if exchange.note == "" and isinstance(result, Failure):
             exchange.note = "client gone"
+        # A client that left before any answer got none: nginx's 499, not the 200 twisted.web starts from.
+        status = request.code if request.startedWriting or not isinstance(result, Failure) else 499
         if self.access_log is not None:
             self.access_log.write(
                 {
@@ -254,7 +257,7 @@ class RegistryProxy(Resource):
                     "client": client,
                     "method": request.method.decode("latin-1"),
                     "path": request.uri.decode("latin-1"),
-                    "status": request.code,
+                    "status": status,
                     "bytes": request.sentLength,
                     "duration": round(duration, 6),
                     "upstream": exchange.upstream,
@@ -272,7 +275,7 @@ class RegistryProxy(Resource):
                 client=client,
                 method=request.method.decode("latin-1"),
                 uri=request.uri.decode("latin-1"),
-                status=request.code,
+                status=status,
                 bytes=request.sentLength,
                 duration=duration,
                 upstream=exchange.upstream_status or "-",
@@ -288,7 +291,7 @@ class RegistryProxy(Resource):
             metrics.in_flight.dec()
             cache = _cache_label(exchange.cache)
             upstream = exchange.upstream
-            metrics.requests.labels(upstream, exchange.kind, request.method.decode("latin-1")[:8], status_class(request.code), cache).inc()
+            metrics.requests.labels(upstream, exchange.kind, request.method.decode("latin-1")[:8], status_class(status), cache).inc()
             metrics.duration.labels(upstream, exchange.kind).observe(duration)
             if exchange.head_ready is not None:
                 metrics.first_byte.labels(upstream, exchange.kind).observe(exchange.head_ready - exchange.started)
@@ -632,12 +635,12 @@ class RegistryProxy(Resource):
         # A refresh token is one registry's: only where the name the client logged in to means one registry.
         refresh = selection.by_host or len(self._table.upstreams) == 1
         if request.method == b"GET":
-            rewritten = upstream_query(query, names.to_upstream, foreign, upstream.service, refresh)
+            rewritten = token_query(query, names.to_upstream, foreign, upstream.service, refresh)
             url = realm + ("&" if "?" in realm else "?") + rewritten.decode("ascii") if rewritten else realm
             body: IBodyProducer | None = None
         else:
             url = realm
-            body = BytesBody(upstream_query(form, names.to_upstream, foreign, upstream.service, refresh))
+            body = BytesBody(token_query(form, names.to_upstream, foreign, upstream.service, refresh))
         response = await upstream.send(request.method, url, headers, body)
         exchange.upstream_status = response.code
         exchange.head_ready = self._clock.seconds()

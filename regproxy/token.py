@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import parse_qsl
 
-from .auth import map_scope
 from .policy import new_proxy_token
 
 #: How long a proxy token is good for; it grants nothing, so the figure is only
@@ -77,49 +75,3 @@ def proxy_token_document(now: float | None = None) -> bytes:
     return json.dumps(
         {"token": token, "access_token": token, "expires_in": PROXY_TOKEN_SECONDS, "issued_at": issued}
     ).encode()
-
-
-#: What asks a token server for a refresh token (docker login's identity token).
-_OFFLINE = {("offline_token", "true"), ("access_type", "offline")}
-
-
-def upstream_query(
-    raw: bytes,
-    to_upstream: Callable[[str], str],
-    foreign: set[str],
-    service: str | None,
-    refresh_tokens: bool = True,
-) -> bytes:
-    """The token request's query (or form) for the upstream realm.
-
-    Every parameter is kept in order, each C{scope} renamed to the upstream's
-    spelling; scopes naming another upstream's repositories are dropped (that
-    upstream's realm can't grant them); C{service} is the upstream's own, since
-    a client may have taken it from another upstream's challenge. Without
-    C{refresh_tokens} no refresh token is asked for: one proxy name serving
-    several registries can't hand out one registry's refresh token, which
-    docker would then present to all of them; without one, docker keeps the
-    credentials and sends them for each.
-    """
-    pairs = parse_qsl(raw.decode("latin-1"), keep_blank_values=True)
-    kept: list[tuple[str, str]] = []
-    for key, value in pairs:
-        if not refresh_tokens and (key, value.lower()) in _OFFLINE:
-            continue
-        if key == "scope":
-            items = [i for i in value.split(" ") if not _names_foreign(i, foreign)]
-            if not items:
-                continue
-            value = map_scope(" ".join(items), to_upstream)
-        elif key == "service" and service:
-            value = service
-        kept.append((key, value))
-    if service and not any(k == "service" for k, _ in kept):
-        kept.append(("service", service))
-    return urlencode(kept, quote_via=quote, safe="").encode("ascii")
-
-
-def _names_foreign(item: str, foreign: set[str]) -> bool:
-    kind, sep, rest = item.partition(":")
-    name, sep2, _ = rest.rpartition(":")
-    return bool(sep and sep2 and kind.split("(")[0] == "repository" and name in foreign)

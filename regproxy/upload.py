@@ -309,6 +309,14 @@ class StreamingRequest(Request):
             self.upload.client_lost(reason)
         super().connectionLost(reason)
 
+    def body_malformed(self) -> None:
+        """The channel found the body's chunked framing broken: answer 400 (unless answered already)."""
+        error = errors.RegistryError(400, "BLOB_UPLOAD_INVALID" if self.upload else "UNSUPPORTED", "malformed chunked request body")
+        if self.upload is not None:
+            self.upload._fail(error)
+        elif not self.startedWriting:
+            self.body_error = error
+
     def body_pending(self) -> bool:
         """Whether part of the request body is still unread (the connection can't be reused)."""
         if self.upload is not None:

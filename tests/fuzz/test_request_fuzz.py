@@ -1029,12 +1029,6 @@ def test_proxy_still_serves_with_descriptors_back_at_baseline(campaign: Campaign
     assert campaign.fd_after <= campaign.fd_baseline + FD_SLACK, (campaign.fd_baseline, campaign.fd_after)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a request dispatched before its body is read (a streamed blob upload, or a body refused for "
-    "its size) is still answered after twisted.web has answered the malformed chunked body with its own 400 and "
-    "begun closing: two responses on the wire for one request",
-)
 @pytest.mark.parametrize(
     "data",
     [
