@@ -156,6 +156,8 @@ class RegistryProxy(Resource):
         #: Requests being answered, and whether the proxy is draining (SIGTERM).
         self.active = 0
         self.draining = False
+        #: Body bytes sent to clients since start (the landing page shows it).
+        self.bytes_served = 0
         self._idle_waiters: list[Deferred[None]] = []
         #: Checks /readyz makes besides draining (listeners up, cache writable).
         self.readiness: list[Callable[[], str | None]] = []
@@ -299,6 +301,7 @@ class RegistryProxy(Resource):
                 metrics.client_bytes.labels(upstream, exchange.kind, cache).inc(request.sentLength)
                 if exchange.relayed:
                     metrics.upstream_bytes.labels(upstream, exchange.kind).inc(request.sentLength)
+        self.bytes_served += request.sentLength
         self.active -= 1
         if self.active <= 0 and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []
@@ -341,7 +344,7 @@ class RegistryProxy(Resource):
 
     def figures(self) -> dict[str, object]:
         """Live figures for the landing page."""
-        out: dict[str, object] = {"active": self.active, "draining": self.draining}
+        out: dict[str, object] = {"active": self.active, "draining": self.draining, "bytes_served": self.bytes_served}
         if self._cache is not None:
             counts = dict(self._cache.counts)
             if self._manifests is not None:
@@ -478,6 +481,24 @@ class RegistryProxy(Resource):
         if route.kind is routes.Kind.PING and is_proxy_token(request.getHeader(b"authorization")):
             # The client holds the proxy's token: it is authenticated as far as the proxy cares.
             return _answer(request, 200, b"application/json", b"{}", api_version=True)
+        if route.kind is routes.Kind.PING and self._manifests is not None:
+            try:
+                response, _ = await from_upstream(
+                    upstream, served.tokens, request.method, upstream.url("/v2/", b""),
+                    upstream_request_headers(request.requestHeaders), None, credentials, "",
+                )
+            except (ConnectError, DNSLookupError, TimeoutError, ResponseNeverReceived, ResponseFailed):
+                # The upstream is down but the cache may serve: answer the ping as the upstream
+                # would (clients like skopeo give up on a failed ping before asking for content).
+                return self._ping_for(request, selection, exchange)
+            exchange.upstream_status = response.code
+            view = self._view(request, selection)
+            exchange.head_ready = self._clock.seconds()
+            await stream(
+                request, response, rewrite_headers(response, view, selection.names, upstream.origin, upstream.prefix),
+                self._clock, self._settings.idle_timeout, self._settings.client_timeout,
+            )
+            return
         url = upstream.url(route.upstream_path(route.name), query)
         headers = upstream_request_headers(request.requestHeaders)
         body = self._body(request)
@@ -540,6 +561,18 @@ class RegistryProxy(Resource):
             self._settings.idle_timeout,
             self._settings.client_timeout,
         )
+
+    def _ping_for(self, request: Request, selection: Selection[Served], exchange: Exchange) -> None:
+        """/v2/ answered for an unreachable upstream from what the proxy knows of it."""
+        upstream = selection.upstream.upstream
+        exchange.cache = "regproxy; hit; fwd=stale"
+        if upstream.scheme == "bearer":
+            view = self._view(request, selection)
+            service = f',service="{upstream.service}"' if upstream.service else ""
+            request.responseHeaders.setRawHeaders(b"www-authenticate", [f'Bearer realm="{view.token_realm}"{service}'.encode()])
+            body = errors.error_body("UNAUTHORIZED", "authentication required")
+            return _answer(request, 401, b"application/json", body, api_version=True)
+        return _answer(request, 200, b"application/json", b"{}", api_version=True)
 
     def _mount_source(self, query: bytes, selection: Selection[Served]) -> bytes:
         """A cross-repository mount's C{from=} in the upstream's spelling; from another upstream, no mount.

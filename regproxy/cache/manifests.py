@@ -56,6 +56,11 @@ _IMAGE_TYPES = frozenset(
     {"application/vnd.docker.distribution.manifest.v2+json", "application/vnd.oci.image.manifest.v1+json"}
 )
 _TROUBLE = (ConnectError, DNSLookupError, TimeoutError, ResponseNeverReceived, ResponseFailed)
+#: Signed schema-1 manifests: their digest is over the JWS payload, not the bytes served, so
+#: they can't be verified as content-addressed; they are passed through, never stored.
+_SCHEMA1 = frozenset(
+    {"application/vnd.docker.distribution.manifest.v1+prettyjws", "application/vnd.docker.distribution.manifest.v1+json"}
+)
 
 
 DEFAULT_RULE = TagRule()
@@ -218,6 +223,8 @@ class ManifestCache:
         if fetched.code != 200:
             return self._passed(fetched, method, "regproxy; fwd=miss")
         media = self._media_type(fetched)
+        if media in _SCHEMA1:
+            return self._passed(fetched, method, "regproxy; fwd=uri-miss")
         if self._digest_of(fetched.body, digest) != digest:
             raise errors.RegistryError(502, "UNAVAILABLE", f"the upstream sent a manifest that is not {digest}")
         self._keep(origin, digest, fetched.body, media, who, ttl)
@@ -239,6 +246,7 @@ class ManifestCache:
         self.budgets.note(origin.upstream.name, budget, response.code, response.headers)
         if response.code == 200:
             self.rights.note(who, ttl, origin.upstream.name, origin.repository)
+            self.store.link(origin.upstream.name, origin.repository, digest)
             return True
         return False
 
@@ -318,6 +326,8 @@ class ManifestCache:
                 return self._stale(origin, entry, method, rule, who, f"upstream answered {fetched.code}")
             return self._passed(fetched, method, "regproxy; fwd=miss")
         media = self._media_type(fetched)
+        if media in _SCHEMA1:
+            return self._passed(fetched, method, "regproxy; fwd=uri-miss")
         digest = self._digest_of(fetched.body, _header(fetched.headers, b"docker-content-digest"))
         claimed = _header(fetched.headers, b"docker-content-digest")
         if claimed and claimed != digest:
@@ -445,6 +455,7 @@ class ManifestCache:
     def _keep(self, origin: Origin, digest: str, body: bytes, media: str, who: str, ttl: float) -> None:
         """Store a verified manifest, link it and what it refers to, and prefetch an image's blobs."""
         upstream = origin.upstream.name
+        self.rights.note(who, ttl, upstream, origin.repository)
         self.store.put_bytes(digest, body, media)
         self.store.link(upstream, origin.repository, digest)
         refs, image = children(body)
@@ -536,7 +547,13 @@ def _header(headers: Headers, name: bytes) -> str | None:
 
 
 def _reason(error: BaseException) -> str:
-    return str(error)[:200] or type(error).__name__
+    """A short human reason (Twisted's client errors wrap a list of Failures)."""
+    reasons = getattr(error, "reasons", None)
+    if reasons:
+        text = "; ".join(r.getErrorMessage() for r in reasons if hasattr(r, "getErrorMessage"))
+    else:
+        text = str(error)
+    return (text or type(error).__name__)[:200].replace('"', "'")
 
 
 def _discard(response: IResponse) -> None:

@@ -35,23 +35,6 @@ from .daemons import ClientError, Containerd, Dockerd, skopeo_copy, write_hosts_
 pytestmark = [pytest.mark.clients]
 
 CLIENTS = ["docker", "ctr", "skopeo"]
-#: skopeo pings /v2/ before anything else and gives up on a 502 (see the xfail below).
-SKOPEO_PING_DEFECT = pytest.mark.xfail(
-    strict=True,
-    reason="defect: with the upstream down the proxy answers GET /v2/ with 502 UNAVAILABLE (it relays the ping), "
-    "so skopeo ('pinging container registry ...: invalid status code from registry 502') never asks for the "
-    "cached manifest; docker and containerd go on after a failed ping",
-)
-
-#: See tests/integration/test_manifest_cache.py::test_second_request_by_digest_asks_the_upstream_nothing.
-RIGHTS_NOT_NOTED = pytest.mark.xfail(
-    strict=True,
-    reason="defect: a manifest fetched by digest on a miss does not record the right to read the repository "
-    "(ManifestCache._by_digest never calls rights.note): ctr's HEAD by digest (the proxy GETs and stores it) "
-    "is followed by its GET by digest, which costs a second upstream request, HEAD /manifests/<digest>",
-)
-
-
 @pytest.fixture(scope="module")
 def mc_proxy(hub: Hub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
     """regproxy with a cache directory in front of the Hub stand-in (plain HTTP); ``mcc-fresh/**`` tags fresh for 60 s."""
@@ -181,8 +164,6 @@ def test_cold_pull_fetches_each_manifest_once(
     pullers: Pullers, hub: Hub, client: str, by: str, request: pytest.FixtureRequest
 ) -> None:
     """A cold pull of an attested OCI index (content no one pulled) asks the upstream each manifest at most once, and the tag at most one HEAD."""
-    if (client, by) == ("ctr", "digest"):
-        request.applymarker(RIGHTS_NOT_NOTED)
     repository = f"mcc/cold-{client}-{by}-{uuid.uuid4().hex[:6]}"
     image = hub.push(make_attested_index(repository, "latest", seed=repository))
     mark = len(hub.registry_requests())
@@ -302,7 +283,7 @@ def clean(mc_dockerd: Dockerd, containerd: Containerd) -> Iterator[None]:
     _wipe_ctr(containerd)
 
 
-@pytest.mark.parametrize("client", ["docker", "ctr", pytest.param("skopeo", marks=SKOPEO_PING_DEFECT)])
+@pytest.mark.parametrize("client", ["docker", "ctr", "skopeo"])
 @pytest.mark.usefixtures("clean")
 def test_cached_tag_pulls_with_the_upstream_stopped(
     stopped: Stopped, mc_dockerd: Dockerd, containerd: Containerd, tmp_path: Path, client: str

@@ -247,12 +247,6 @@ def test_head_miss_by_digest_stores_the_body(cached: ProxyProcess, hub: Hub) -> 
     assert ("GET", path) not in manifest_requests(hub, mark)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: a manifest fetched by digest on a miss (a 200 for this client and repository) does not record "
-    "the right to read the repository (ManifestCache._by_digest never calls rights.note), so the next request by "
-    "digest costs an upstream HEAD /manifests/<digest> (the rights check) although the cache holds it",
-)
 def test_second_request_by_digest_asks_the_upstream_nothing(cached: ProxyProcess, hub: Hub) -> None:
     """A manifest first fetched by digest (an index: no blob prefetch to learn the right) is served again without any upstream request."""
     children = [
@@ -270,11 +264,6 @@ def test_second_request_by_digest_asks_the_upstream_nothing(cached: ProxyProcess
     assert manifest_requests(hub, mark) == []
 
 
-NOT_LINKED = (
-    "defect: a manifest already in the store, asked by digest through another repository, is checked with an "
-    "upstream HEAD (ManifestCache._check_rights) but never linked to that repository (blobs' _may_read links, "
-    "_check_rights doesn't), so {what}"
-)
 
 
 def relocated(image: SeededImage, repository: str) -> SeededImage:
@@ -283,7 +272,6 @@ def relocated(image: SeededImage, repository: str) -> SeededImage:
     return replace(image, repository=repository, platforms=children)
 
 
-@pytest.mark.xfail(strict=True, reason=NOT_LINKED.format(what="every later request by digest repeats the HEAD"))
 def test_digest_shared_by_two_repositories_is_checked_once(cached: ProxyProcess, hub: Hub) -> None:
     """A manifest cached through one repository and asked by digest through another costs one upstream HEAD there, then nothing."""
     suffix = uuid.uuid4().hex[:8]
@@ -302,10 +290,6 @@ def test_digest_shared_by_two_repositories_is_checked_once(cached: ProxyProcess,
     assert manifest_requests(hub, mark) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=NOT_LINKED.format(what="with the upstream down it is not served through that repository (502 unreachable)"),
-)
 def test_digest_shared_by_two_repositories_serves_with_the_upstream_down(
     memory: MemoryRegistry, tmp_path: Path
 ) -> None:
@@ -382,12 +366,6 @@ def test_accept_spelling_is_one_key(cached: ProxyProcess, hub: Hub) -> None:
     assert joined.header("Cache-Status") == "regproxy; hit; detail=revalidated"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: with the cache on, a schema-1 answer (client accepting only schema 1, or sending no Accept) "
-    "is a 502 'the upstream's manifest does not match its digest': a signed schema-1 manifest's digest is of "
-    "its JWS payload, not of the body; without --cache-dir the same request is the upstream's 200",
-)
 def test_schema1_client_gets_the_upstreams_answer(cached: ProxyProcess, hub: Hub) -> None:
     """A client accepting only schema 1 gets what the upstream answers it (schema 1, the upstream's digest), cache or not."""
     upstream = hub.get("/v2/library/alpine/manifests/3.21", {"Accept": SCHEMA1})
@@ -525,12 +503,6 @@ def test_stale_on_trouble(memory: MemoryRegistry, tmp_path: Path, trouble: str) 
         assert "Traceback" not in proxy.log_text()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: when the upstream hangs up, the stale answer's Warning (and the log line) carries a Python repr, "
-    "'Response is stale: upstream unreachable: [<twisted.python.failure.Failure "
-    "twisted.internet.error.ConnectionDone: Connection was closed cleanly.>]' (str() of ResponseNeverReceived)",
-)
 def test_stale_warning_says_what_happened_in_words(memory: MemoryRegistry, tmp_path: Path) -> None:
     """The Warning on a stale answer names the trouble in words a client can show, not an internal repr."""
     image = memory.add(_memory_image("team/app"))
