@@ -543,6 +543,15 @@ class RegistryProxy(Resource):
             exchange.upstream_status = response.code
             if (
                 self._cache is not None
+                and request.method == b"DELETE"
+                and response.code in (200, 202, 204)
+                and route.name is not None
+                and route.reference is not None
+            ):
+                # Deleted through the proxy: the cache must not go on serving it through this repository.
+                self._cache.store.unlink(upstream.name, route.name, route.reference)
+            if (
+                self._cache is not None
                 and response.code == 200
                 and route.name is not None
                 and route.kind in (routes.Kind.MANIFEST, routes.Kind.TAGS, routes.Kind.BLOB)

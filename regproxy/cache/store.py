@@ -225,6 +225,16 @@ class Store:
             (upstream, repository, tag, accept),
         )
 
+    def unlink(self, upstream: str, repository: str, reference: str) -> None:
+        """The client deleted C{reference} (a digest or a tag) of this repository through the proxy: forget the link."""
+        self._db.execute(
+            "DELETE FROM links WHERE upstream = ? AND repository = ? AND digest = ?", (upstream, repository, reference)
+        )
+        self._db.execute(
+            "DELETE FROM tags WHERE upstream = ? AND repository = ? AND (tag = ? OR digest = ?)",
+            (upstream, repository, reference, reference),
+        )
+
     def touch(self, digest: str) -> None:
         """Note an access (written to the index in batches, see L{flush})."""
         self._touched[digest] = time.time()

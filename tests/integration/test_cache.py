@@ -189,3 +189,19 @@ def test_tag_is_revalidated_with_head_and_digest_served_from_cache(cached: Proxy
     time.sleep(1.2)  # the registry writes its access-log line after answering
     seen = [(r["method"], r["path"]) for r in hub.registry_requests()[mark:] if "/manifests/" in str(r["path"])]
     assert seen == [("HEAD", "/v2/library/alpine/manifests/3.21")], seen
+
+
+def test_delete_through_the_proxy_stops_cache_hits(cached: ProxyProcess, hub: Hub) -> None:
+    """A blob deleted through the proxy is no longer served from the cache through that repository: the upstream's 404."""
+    from tests.integration.http import token
+    from tests.upstream import images as img
+
+    image = hub.push(img.make_image("scratch/deleted", "1", seed="scratch/deleted", platform=hub.platform))
+    layer = image.layers[0]
+    admin = {"Authorization": "Bearer " + token(cached.url, ["repository:scratch/deleted:pull,push,delete"], hub.service, ("admin", "admin"))}
+    url = f"{cached.url}/v2/scratch/deleted/blobs/{layer.digest}"
+    assert request("GET", url, admin).status == 200
+    assert request("GET", url, admin).header("Cache-Status") == "regproxy; hit"
+    assert request("DELETE", url, admin).status == 202
+    again = request("GET", url, admin)
+    assert again.status == 404 and "hit" not in (again.header("Cache-Status") or "")
