@@ -92,6 +92,9 @@ class Metrics:
             "regproxy_cache_size_bytes", "Bytes of complete blobs in the cache.", registry=r, multiprocess_mode="mostrecent"
         )
         self.evictions = Counter("regproxy_cache_evictions_total", "Blobs evicted from the cache.", registry=r)
+        self.sendfile = Counter(
+            "regproxy_cache_sendfile_answers_total", "Cache hits the kernel sent with sendfile(2).", registry=r
+        )
         self.resumes = Counter(
             "regproxy_cache_fill_resumes_total", "Fills resumed with a Range after the upstream broke off.", registry=r
         )

@@ -117,6 +117,12 @@ async def stream(
     )
     if close_delimited:
         request.relay_close_delimited()  # type: ignore[attr-defined]
+    direct = getattr(response, "send_directly", None)
+    if direct is not None and not bodiless:
+        sending = direct(request)  # a cache hit on plain TCP: the kernel sends the file
+        if sending is not None:
+            await sending
+            return
     pipe = BodyPipe(
         request, clock, idle_timeout, close_delimited, client_timeout, lambda: connection_lost_abruptly(response)
     )

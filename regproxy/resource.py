@@ -35,6 +35,7 @@ from .auth import token_query
 from .cache.blobs import BlobCache, Origin, identity
 from .cache.manifests import ManifestCache
 from .cache.reader import BytesAnswer, FileAnswer
+from .cache.sendfile import ClientGone
 from .config import Network, UpstreamConfig, is_registry_name
 from .headers import client_response_headers, upstream_request_headers
 from .metrics import Metrics, status_class
@@ -206,7 +207,7 @@ class RegistryProxy(Resource):
         if upload is not None and isinstance(upload.error, errors.RegistryError):
             failure = Failure(upload.error)
         close_if_body_pending(request)
-        if request.startedWriting or failure.check(ClientStalled):
+        if request.startedWriting or failure.check(ClientStalled, ClientGone):
             # Headers (and maybe part of the body) are out: never finish() a short
             # body, the client must see the transfer fail.
             self.log.warn(

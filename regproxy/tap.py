@@ -27,6 +27,7 @@ from . import config as configuration
 from .accesslog import AccessLog
 from .cache.blobs import BlobCache
 from .cache.manifests import ManifestCache
+from .cache.sendfile import Sendfile
 from .cache.store import Store
 from .channel import ChannelLimits, Drain, RegistrySite, graceful_sigterm
 from .config import Config, ConfigError, UpstreamConfig, parse_size
@@ -330,7 +331,12 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     if config.cache_dir:
         store = Store(config.cache_dir, config.cache_max_size)
         cache = BlobCache(
-            store, reactor, config.idle_timeout, sync=_fsync_in_thread(reactor), response_timeout=config.response_timeout
+            store,
+            reactor,
+            config.idle_timeout,
+            sync=_fsync_in_thread(reactor),
+            response_timeout=config.response_timeout,
+            sender=Sendfile(reactor, stall_timeout=config.client_timeout),
         )
         manifests = ManifestCache(store, cache, reactor)
     access_log = AccessLog(config.access_log) if config.access_log else None
@@ -341,6 +347,8 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             entry.tokens.metrics = metrics
         if cache is not None and manifests is not None:
             cache.metrics = manifests.metrics = manifests.budgets.metrics = metrics
+            if cache.sender is not None:
+                cache.sender.metrics = metrics
             cache.store.on_evict = metrics.evictions.inc
     site = RegistrySite(proxy, reactor=reactor, limits=limits)
     site.access_log = proxy.channel_answer

@@ -125,6 +125,7 @@ class BlobCache:
         sync: Callable[[int], Awaitable[None]] | None = None,
         response_timeout: float = 60.0,
         rights: Rights | None = None,
+        sender: Any = None,
     ) -> None:
         self.store = store
         self._clock = clock
@@ -136,6 +137,8 @@ class BlobCache:
         #: Fills being started here (waiting for the upstream's head), by digest.
         self._starting: dict[str, list[Deferred[Growing | None]]] = {}
         self.rights = rights or Rights(clock)
+        #: sendfile(2) for complete blobs on plain TCP (None: the file producer always).
+        self.sender = sender
         self.counts: dict[str, int] = {"hit": 0, "stored": 0, "collapsed": 0, "passed": 0, "resumed": 0}
         self.metrics: Any = None
 
@@ -396,7 +399,7 @@ class BlobCache:
         fd, on_close = self._open(blob, growing, digest)
         source = None if blob is not None or (growing is not None and growing.verified) else growing
         body = FileBody(fd, first, last, source, on_close)
-        return FileAnswer(code, headers, length, body)  # type: ignore[return-value]
+        return FileAnswer(code, headers, length, body, self.sender if source is None else None)  # type: ignore[return-value]
 
     def _open(self, blob: Blob | None, growing: Growing | None, digest: str) -> tuple[int, Callable[[], None]]:
         if blob is None:

@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
@@ -153,12 +154,34 @@ class FileAnswer:
         headers: Headers,
         length: int,
         body: FileBody | None,
+        sender: Any = None,
     ) -> None:
         self.code = code
         self.phrase = {200: b"OK", 206: b"Partial Content", 416: b"Range Not Satisfiable"}.get(code, b"OK")
         self.headers = headers
         self.length = length
         self._body = body
+        #: The sendfile pool, for a complete blob (None: always through the file producer).
+        self._sender = sender
+
+    def send_directly(self, request: Any) -> Deferred[None] | None:
+        """Send the body with sendfile(2) if the connection and the pool allow; C{None} if not."""
+        body = self._body
+        if self._sender is None or body is None or body._source is not None or not self._sender.available():
+            return None
+        from .sendfile import socket_of
+
+        sock = socket_of(request)
+        if sock is None:
+            return None
+
+        async def send() -> None:
+            try:
+                await self._sender.send(request, sock, body._fd, body._pos, body._end - body._pos)
+            finally:
+                body._close(None)
+
+        return Deferred.fromCoroutine(send())
 
     def deliverBody(self, protocol: Any) -> None:
         if self._body is None:

@@ -221,3 +221,28 @@ def test_warm_then_list_the_cache(hub: Hub, tmp_path: Path) -> None:
     assert multi.digest in digests and all(b.digest in digests for c in multi.platforms.values() for b in c.blobs())
     assert content["total_size"] == sum(b["size"] for b in content["blobs"])
     assert any(t["repository"] == "library/multi" and t["tag"] == "latest" for t in content["tags"])
+
+
+def test_hits_use_sendfile_on_plain_tcp_and_the_producer_on_tls(hub: Hub, tmp_path: Path) -> None:
+    """A cache hit on the plain-TCP listener is sent with sendfile(2); over TLS by the file producer; bytes identical."""
+    metrics_port = free_port()
+    args = [
+        "--upstream-ca", str(hub.ca_pem), "--library-prefix", "--cache-dir", str(tmp_path / "cache"),
+        "--metrics-listen", f"tcp:{metrics_port}:interface=127.0.0.1",
+    ]
+    layer = hub.images["library/alpine:3.20"].layers[0]
+    with ProxyProcess(tmp_path, hub.registry_url, args) as proxy:
+        auth = anonymous(proxy)
+        path = f"/v2/library/alpine/blobs/{layer.digest}"
+        assert sha256_of("GET", proxy.url + path, auth)[1] == layer.digest  # the miss: a fill
+        assert total(scrape(metrics_port), "regproxy_cache_sendfile_answers_total") == 0
+        reply, digest, _ = sha256_of("GET", proxy.url + path, auth)
+        assert reply.header("Cache-Status") == "regproxy; hit" and digest == layer.digest
+        assert total(scrape(metrics_port), "regproxy_cache_sendfile_answers_total") == 1
+        part = request("GET", proxy.url + path, {**auth, "Range": "bytes=100-"})
+        assert part.status == 206 and len(part.body) == layer.size - 100
+        assert total(scrape(metrics_port), "regproxy_cache_sendfile_answers_total") == 2
+        reply, digest, _ = sha256_of("GET", proxy.tls_url + path, auth, ca=proxy.ca_pem)
+        assert reply.header("Cache-Status") == "regproxy; hit" and digest == layer.digest
+        assert total(scrape(metrics_port), "regproxy_cache_sendfile_answers_total") == 2
+        assert "Traceback" not in proxy.log_text()
