@@ -132,6 +132,8 @@ class Config:
     #: The pull-through cache's directory (none: no cache) and its size limit (0: none).
     cache_dir: str | None = None
     cache_max_size: int = 0
+    #: Blob fills started at once ahead of clients when an image manifest is fetched (0: no prefetch).
+    prefetch: int = 4
     #: Operations: the Prometheus listener, the JSON access log, the drain on SIGTERM.
     metrics_listen: str | None = None
     access_log: str | None = None
@@ -419,6 +421,7 @@ def from_mapping(data: Mapping[str, Any], base: Path = Path("."), path: str | No
         rate_burst=t.number("rate_burst", defaults.rate_burst),
         cache_dir=_path(t.take("cache_dir", str), base),
         cache_max_size=t.size("cache_max_size", defaults.cache_max_size),
+        prefetch=t.integer("prefetch", defaults.prefetch),
         metrics_listen=t.take("metrics_listen", str),
         access_log=_log_path(t.take("access_log", str), base),
         drain_timeout=t.number("drain_timeout", defaults.drain_timeout),
