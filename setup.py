@@ -11,7 +11,7 @@ setup(
     package_data={"twisted": ["plugins/regproxy_plugin.py"]},
     install_requires=["twisted>=24.7", "treq>=23.11", "service-identity", "pyopenssl", "prometheus_client>=0.17"],
     extras_require={
-        "test": ["pytest", "pytest-twisted", "cryptography", "pyjwt", "hypothesis"],
+        "test": ["pytest", "pytest-twisted", "cryptography", "pyjwt", "hypothesis", "pyyaml"],
         "lint": ["mypy", "mypy-zope", "ruff"],
     },
 )
