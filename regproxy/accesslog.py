@@ -39,6 +39,26 @@ class AccessLog:
             self._file.close()
 
 
+def entry(request: Any, exchange: Any, status: int, client: str, duration: float) -> dict[str, Any]:
+    """The access-log object for one answered request."""
+    return {
+        "time": timestamp(),
+        "request_id": exchange.request_id,
+        "client": client,
+        "method": request.method.decode("latin-1"),
+        "path": request.uri.decode("latin-1"),
+        "status": status,
+        "bytes": request.sentLength,
+        "duration": round(duration, 6),
+        "upstream": exchange.upstream,
+        "upstream_status": exchange.upstream_status,
+        "cache": None if exchange.cache == "-" else exchange.cache,
+        "credentials": exchange.credentials,
+        "user_agent": (request.getHeader(b"user-agent") or b"").decode("latin-1"),
+        "note": exchange.note or None,
+    }
+
+
 def timestamp(seconds: float | None = None) -> str:
     """RFC 3339 UTC, to the millisecond."""
     now = time.time() if seconds is None else seconds

@@ -125,6 +125,34 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+def cache_label(status: str) -> str:
+    """A cache status as a metric label: hit, stored, collapsed, revalidated, stale, passed, or none."""
+    if status == "-":
+        return "none"
+    if "fwd=stale" in status:
+        return "stale"
+    for label in ("revalidated", "collapsed", "stored"):
+        if label in status:
+            return label
+    return "hit" if "hit" in status else "passed"
+
+
+def record_request(metrics: Metrics, request: Any, exchange: Any, status: int, duration: float) -> None:
+    """One answered request's figures."""
+    metrics.in_flight.dec()
+    cache = cache_label(exchange.cache)
+    upstream = exchange.upstream
+    method = request.method.decode("latin-1")[:8]
+    metrics.requests.labels(upstream, exchange.kind, method, status_class(status), cache).inc()
+    metrics.duration.labels(upstream, exchange.kind).observe(duration)
+    if exchange.head_ready is not None:
+        metrics.first_byte.labels(upstream, exchange.kind).observe(exchange.head_ready - exchange.started)
+    if request.sentLength:
+        metrics.client_bytes.labels(upstream, exchange.kind, cache).inc(request.sentLength)
+        if exchange.relayed:
+            metrics.upstream_bytes.labels(upstream, exchange.kind).inc(request.sentLength)
+
+
 def mark_worker_dead(pid: int) -> None:
     """A worker ended: its live gauges (in flight) no longer count."""
     if os.environ.get(MULTIPROCESS_ENV):

@@ -10,7 +10,9 @@ that breaks off is never finished as if complete.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 from twisted.internet.interfaces import IReactorTime
@@ -37,6 +39,36 @@ class ClientView:
 def token_path(upstream_name: str, default: bool) -> str:
     """The proxy's token endpoint for an upstream (C{/token} for the default one)."""
     return "/token" if default else "/token/" + quote(upstream_name, safe=":")
+
+
+_SAFE_HOST = re.compile(rb"[A-Za-z0-9.\-]+(:[0-9]+)?|\[[0-9A-Fa-f:.]+\](:[0-9]+)?")
+
+
+def public_base(request: Request, public_url: str | None, by_host: bool = False) -> str:
+    """The URL clients use to reach the proxy: configured, or from this request.
+
+    A client that reached an upstream through a host name of its own must
+    come back to that name (it is what selects the upstream), so only the
+    configured scheme is used then. A Host header that isn't a plain host
+    name (or address) and port is not believed.
+    """
+    if public_url and not by_host:
+        return public_url.rstrip("/")
+    scheme = public_url.partition("://")[0] if public_url else ("https" if request.isSecure() else "http")
+    raw = request.getHeader(b"host")
+    if raw is not None and _SAFE_HOST.fullmatch(raw) is not None:
+        host = raw.decode("ascii")
+    else:
+        address = request.getHost()
+        host = f"{getattr(address, 'host', 'localhost')}:{getattr(address, 'port', 80)}"
+    return f"{scheme}://{host}"
+
+
+def client_view(request: Request, public_url: str | None, selection: Any) -> ClientView:
+    """How this client sees the proxy for the selected upstream: base URL and token realm."""
+    base = public_base(request, public_url, selection.by_host)
+    config = selection.upstream.config
+    return ClientView(base, base + token_path(config.name, config.default or selection.by_host))
 
 
 def rewrite_headers(
@@ -121,6 +153,9 @@ async def stream(
     if direct is not None and not bodiless:
         sending = direct(request)  # a cache hit on plain TCP: the kernel sends the file
         if sending is not None:
+            # Read by the access log: the answer is over when the thread is done,
+            # which may be after the client (that has every byte) hung up.
+            request.sending = sending  # type: ignore[attr-defined]
             await sending
             return
     pipe = BodyPipe(

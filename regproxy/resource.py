@@ -10,53 +10,38 @@ access-log line, whoever answered it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, succeed
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeout
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import RequestGenerationFailed, RequestTransmissionFailed
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
-from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from . import errors, landing, routes
-from .accesslog import AccessLog, request_id, timestamp
-from .auth import token_query
-from .cache.blobs import BlobCache, Origin, identity
+from .accesslog import AccessLog, entry, request_id, timestamp
+from .cache.blobs import BlobCache
 from .cache.manifests import ManifestCache
-from .cache.reader import BytesAnswer, FileAnswer
 from .cache.sendfile import ClientGone
-from .config import Network, UpstreamConfig, is_registry_name
-from .headers import client_response_headers, upstream_request_headers
-from .metrics import Metrics, status_class
+from .exchange import Exchange, Served, Settings, answer
+from .metrics import Metrics, record_request, status_class
 from .pipe import BodyIdleTimeout, ClientStalled
-from .policy import (
-    Credentials,
-    RateLimiter,
-    check_repository,
-    choose_credentials,
-    client_address,
-    client_allowed,
-    is_proxy_token,
-    pull_scope,
-)
-from .relay import ClientView, close_if_body_pending, gone, rewrite_headers, stream, token_path
-from .routing import NameMap, Selection, UpstreamTable
-from .source import from_upstream
-from .token import parse_request, proxy_token_document
-from .upload import MAX_FORM_BODY, MAX_SMALL_BODY, BytesBody, UploadBody
-from .upstream import Upstream, discard
+from .policy import RateLimiter, client_address, client_allowed
+from .registry import RegistryAPI
+from .relay import close_if_body_pending, gone, public_base
+from .routing import UpstreamTable
+from .source import Sources
+from .token import TokenEndpoint
+from .upstream import Upstream
 from .upstream.tokens import UpstreamTokens
+
+__all__ = ["Exchange", "RegistryProxy", "Served", "Settings"]
 
 #: CORS, for configured origins only: a wildcard would let any web page read
 #: what the proxy serves to the browser's network (an intranet registry, say).
@@ -73,58 +58,8 @@ _PREFLIGHT = {
     ],
     b"Access-Control-Max-Age": [b"86400"],
 }
-_SAFE_HOST = re.compile(rb"[A-Za-z0-9.\-]+(:[0-9]+)?|\[[0-9A-Fa-f:.]+\](:[0-9]+)?")
-_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 #: Answered whatever the client address rules say (load balancers, probes).
 _ALWAYS_OPEN = frozenset({b"/healthz", b"/readyz"})
-
-
-@dataclass
-class Exchange:
-    """What the access log and the metrics say about one request."""
-
-    started: float = 0.0
-    request_id: str = ""
-    upstream_status: int | None = None
-    note: str = ""
-    upstream: str = "-"
-    credentials: str = "-"
-    client: str = "-"
-    cache: str = "-"
-    kind: str = "other"
-    #: When the answer's head was ready (time to first byte).
-    head_ready: float | None = None
-    #: The body came from the upstream as it is (not from the cache).
-    relayed: bool = False
-
-
-@dataclass
-class Settings:
-    """Request-handling settings that come from configuration."""
-
-    public_url: str | None = None
-    idle_timeout: float = 120.0
-    #: A client that leaves its download unread this long is dropped (slow read).
-    client_timeout: float = 120.0
-    #: Browser origins allowed to read answers (CORS); none by default.
-    cors_origins: frozenset[str] = frozenset()
-    #: Client addresses allowed (all if empty), and proxies whose X-Forwarded-For is believed.
-    clients: Sequence[Network] = ()
-    trusted_proxies: Sequence[Network] = ()
-    #: Requests per second per client address (0: no limit) and the burst allowed.
-    rate_limit: float = 0.0
-    rate_burst: float = 0.0
-
-
-@dataclass
-class Served:
-    """One configured upstream at run time: its configuration, client and own tokens."""
-
-    config: UpstreamConfig
-    upstream: Upstream
-    tokens: UpstreamTokens
-    #: Its connection pools (closed when the proxy stops).
-    pools: list[Any] = field(default_factory=list)
 
 
 class RegistryProxy(Resource):
@@ -152,6 +87,8 @@ class RegistryProxy(Resource):
         self._rates = RateLimiter(self._settings.rate_limit, self._settings.rate_burst)
         self._cache = cache
         self._manifests = manifests
+        self._registry = RegistryAPI(self._table, Sources(cache, manifests), self._settings, clock)
+        self._tokens = TokenEndpoint(self._table, self._settings, clock)
         self.metrics = metrics
         self.access_log = access_log
         #: Requests being answered, and whether the proxy is draining (SIGTERM).
@@ -245,6 +182,15 @@ class RegistryProxy(Resource):
 
     def _access_log(self, result: object, request: Request, exchange: Exchange) -> None:
         """One line per request, and the request's metrics."""
+        sending: Deferred[None] | None = getattr(request, "sending", None)
+        if sending is not None and not sending.called:
+            # A sendfile answer still in its thread: log when it is over (with its byte count).
+            def later(outcome: object) -> object:
+                self._access_log(result, request, exchange)
+                return outcome
+
+            sending.addBoth(later)
+            return
         now = self._clock.seconds()
         duration = now - exchange.started
         client = exchange.client if exchange.client != "-" else str(getattr(request.getClientAddress(), "host", "-"))
@@ -253,24 +199,7 @@ class RegistryProxy(Resource):
         # A client that left before any answer got none: nginx's 499, not the 200 twisted.web starts from.
         status = request.code if request.startedWriting or not isinstance(result, Failure) else 499
         if self.access_log is not None:
-            self.access_log.write(
-                {
-                    "time": timestamp(),
-                    "request_id": exchange.request_id,
-                    "client": client,
-                    "method": request.method.decode("latin-1"),
-                    "path": request.uri.decode("latin-1"),
-                    "status": status,
-                    "bytes": request.sentLength,
-                    "duration": round(duration, 6),
-                    "upstream": exchange.upstream,
-                    "upstream_status": exchange.upstream_status,
-                    "cache": None if exchange.cache == "-" else exchange.cache,
-                    "credentials": exchange.credentials,
-                    "user_agent": (request.getHeader(b"user-agent") or b"").decode("latin-1"),
-                    "note": exchange.note or None,
-                }
-            )
+            self.access_log.write(entry(request, exchange, status, client, duration))
         else:
             # Separate fields, so that `twist --log-format=json` gives machine-readable lines.
             self.log.info(
@@ -289,19 +218,8 @@ class RegistryProxy(Resource):
                 note=f" ({exchange.note})" if exchange.note else "",
                 cached=f' cache="{exchange.cache}"' if exchange.cache != "-" else "",
             )
-        metrics = self.metrics
-        if metrics is not None:
-            metrics.in_flight.dec()
-            cache = _cache_label(exchange.cache)
-            upstream = exchange.upstream
-            metrics.requests.labels(upstream, exchange.kind, request.method.decode("latin-1")[:8], status_class(status), cache).inc()
-            metrics.duration.labels(upstream, exchange.kind).observe(duration)
-            if exchange.head_ready is not None:
-                metrics.first_byte.labels(upstream, exchange.kind).observe(exchange.head_ready - exchange.started)
-            if request.sentLength:
-                metrics.client_bytes.labels(upstream, exchange.kind, cache).inc(request.sentLength)
-                if exchange.relayed:
-                    metrics.upstream_bytes.labels(upstream, exchange.kind).inc(request.sentLength)
+        if self.metrics is not None:
+            record_request(self.metrics, request, exchange, status, duration)
         self.bytes_served += request.sentLength
         self.active -= 1
         if self.active <= 0 and self._idle_waiters:
@@ -397,24 +315,24 @@ class RegistryProxy(Resource):
                 raise errors.RegistryError(
                     405, "UNSUPPORTED", f"{method.decode('latin-1')} is not allowed here", headers={b"Allow": [allow]}
                 )
-            return await self._registry(request, route, query, exchange)
+            return await self._registry.handle(request, route, query, exchange)
         if raw_path == b"/token" or raw_path.startswith(b"/token/"):
             if method not in (b"GET", b"POST"):
                 raise errors.unsupported("the token endpoint takes GET and POST", 405)
             suffix = unquote(raw_path[len(b"/token/") :].decode("latin-1")) if raw_path != b"/token" else ""
             exchange.kind = "token"
-            return await self._token(request, suffix, query, exchange)
+            return await self._tokens.handle(request, suffix, query, exchange)
         if raw_path == b"/healthz" and method in (b"GET", b"HEAD"):
             exchange.kind = "health"
-            return _answer(request, 200, b"text/plain; charset=utf-8", b"ok\n")
+            return answer(request, 200, b"text/plain; charset=utf-8", b"ok\n")
         if raw_path == b"/readyz" and method in (b"GET", b"HEAD"):
             exchange.kind = "health"
             ready, why = self._ready()
-            return _answer(request, 200 if ready else 503, b"text/plain; charset=utf-8", why.encode() + b"\n")
+            return answer(request, 200 if ready else 503, b"text/plain; charset=utf-8", why.encode() + b"\n")
         if raw_path == b"/" and method in (b"GET", b"HEAD"):
             exchange.kind = "landing"
-            page = landing.render(self._table.configs, self.public_base(request), self.figures())
-            return _answer(request, 200, b"text/html; charset=utf-8", page)
+            page = landing.render(self._table.configs, public_base(request, self._settings.public_url), self.figures())
+            return answer(request, 200, b"text/html; charset=utf-8", page)
         raise errors.unsupported(f"nothing at {raw_path.decode('latin-1')!r}")
 
     def _check_client(self, request: Request, exchange: Exchange, raw_path: bytes) -> None:
@@ -443,298 +361,11 @@ class RegistryProxy(Resource):
         request.setResponseCode(204)
         request.finish()
 
-    def public_base(self, request: Request, by_host: bool = False) -> str:
-        """The URL clients use to reach the proxy: configured, or from this request.
-
-        A client that reached an upstream through a host name of its own must
-        come back to that name (it is what selects the upstream), so only the
-        configured scheme is used then.
-        """
-        configured = self._settings.public_url
-        if configured and not by_host:
-            return configured.rstrip("/")
-        scheme = configured.partition("://")[0] if configured else ("https" if request.isSecure() else "http")
-        raw = request.getHeader(b"host")
-        if raw is not None and _SAFE_HOST.fullmatch(raw) is not None:
-            host = raw.decode("ascii")
-        else:
-            address = request.getHost()
-            host = f"{getattr(address, 'host', 'localhost')}:{getattr(address, 'port', 80)}"
-        return f"{scheme}://{host}"
-
-    def _view(self, request: Request, selection: Selection[Served]) -> ClientView:
-        base = self.public_base(request, selection.by_host)
-        served = selection.upstream
-        return ClientView(base, base + token_path(served.config.name, served.config.default or selection.by_host))
-
-    # registry API
-
-    async def _registry(self, request: Request, route: routes.Route, query: bytes, exchange: Exchange) -> None:
-        selection, route = self._table.select(request.getHeader(b"host"), route, query)
-        served = selection.upstream
-        upstream = served.upstream
-        exchange.upstream = served.config.name
-        check_repository(served.config, route.name)
-        if route.kind is routes.Kind.UPLOAD_START:
-            query = self._mount_source(query, selection)
-        credentials = choose_credentials(request.method, route.kind, request.requestHeaders)
-        exchange.credentials = credentials.value
-        if route.kind is routes.Kind.PING and is_proxy_token(request.getHeader(b"authorization")):
-            # The client holds the proxy's token: it is authenticated as far as the proxy cares.
-            return _answer(request, 200, b"application/json", b"{}", api_version=True)
-        if route.kind is routes.Kind.PING and self._manifests is not None:
-            try:
-                response, _ = await from_upstream(
-                    upstream, served.tokens, request.method, upstream.url("/v2/", b""),
-                    upstream_request_headers(request.requestHeaders), None, credentials, "",
-                )
-            except (ConnectError, DNSLookupError, TimeoutError, ResponseNeverReceived, ResponseFailed):
-                # The upstream is down but the cache may serve: answer the ping as the upstream
-                # would (clients like skopeo give up on a failed ping before asking for content).
-                return self._ping_for(request, selection, exchange)
-            exchange.upstream_status = response.code
-            view = self._view(request, selection)
-            exchange.head_ready = self._clock.seconds()
-            await stream(
-                request, response, rewrite_headers(response, view, selection.names, upstream.origin, upstream.prefix),
-                self._clock, self._settings.idle_timeout, self._settings.client_timeout,
-            )
-            return
-        url = upstream.url(route.upstream_path(route.name), query)
-        headers = upstream_request_headers(request.requestHeaders)
-        body = self._body(request)
-        if isinstance(body, UploadBody):
-            if credentials is not Credentials.CLIENT:
-                headers.removeHeader(b"authorization")
-            response = await self._fetch_upload(upstream, request.method, url, headers, body)
-            exchange.upstream_status = response.code
-            body.answered = True
-            if body.error is not None:
-                # The upload broke off on our side (size limit): whatever the
-                # upstream made of the cut body is not the answer.
-                discard(response)
-                raise body.error
-        elif self._manifests is not None and route.kind is routes.Kind.MANIFEST and request.method in (b"GET", b"HEAD"):
-            assert route.name is not None and route.reference is not None
-            origin = Origin(upstream, served.tokens, route.name, url, headers, credentials, pull_scope(route.kind, route.name))
-            response, exchange.cache = await self._manifests.serve(
-                origin, route.reference, request.method, served.config.tags
-            )
-            if not isinstance(response, BytesAnswer):
-                exchange.upstream_status = response.code
-        elif (
-            self._manifests is not None
-            and route.kind in (routes.Kind.TAGS, routes.Kind.CATALOG)
-            and request.method in (b"GET", b"HEAD")
-        ):
-            origin = Origin(upstream, served.tokens, route.name or "", url, headers, credentials, pull_scope(route.kind, route.name))
-            response, exchange.cache = await self._manifests.listing(origin, request.method)
-            exchange.upstream_status = response.code
-        elif self._cache is not None and route.kind is routes.Kind.BLOB and request.method in (b"GET", b"HEAD"):
-            assert route.name is not None and route.reference is not None
-            origin = Origin(upstream, served.tokens, route.name, url, headers, credentials, pull_scope(route.kind, route.name))
-            response, exchange.cache = await self._cache.serve(origin, route.reference, request.method)
-            if not isinstance(response, FileAnswer):
-                exchange.upstream_status = response.code
-        else:
-            scope = pull_scope(route.kind, route.name)
-            response, _ = await from_upstream(
-                upstream, served.tokens, request.method, url, headers, body, credentials, scope
-            )
-            exchange.upstream_status = response.code
-            if (
-                self._cache is not None
-                and request.method == b"DELETE"
-                and response.code in (200, 202, 204)
-                and route.name is not None
-                and route.reference is not None
-            ):
-                # Deleted through the proxy: the cache must not go on serving it through this repository.
-                self._cache.store.unlink(upstream.name, route.name, route.reference)
-            if (
-                self._cache is not None
-                and response.code == 200
-                and route.name is not None
-                and route.kind in (routes.Kind.MANIFEST, routes.Kind.TAGS, routes.Kind.BLOB)
-                and credentials is not Credentials.NONE
-            ):
-                who, ttl = identity(credentials, headers)
-                self._cache.note_readable(who, ttl, upstream.name, route.name)
-        view = self._view(request, selection)
-        exchange.head_ready = self._clock.seconds()
-        exchange.relayed = not isinstance(response, (FileAnswer, BytesAnswer))
-        await stream(
-            request,
-            response,
-            rewrite_headers(response, view, selection.names, upstream.origin, upstream.prefix),
-            self._clock,
-            self._settings.idle_timeout,
-            self._settings.client_timeout,
-        )
-
-    def _ping_for(self, request: Request, selection: Selection[Served], exchange: Exchange) -> None:
-        """/v2/ answered for an unreachable upstream from what the proxy knows of it."""
-        upstream = selection.upstream.upstream
-        exchange.cache = "regproxy; hit; fwd=stale"
-        if upstream.scheme == "bearer":
-            view = self._view(request, selection)
-            service = f',service="{upstream.service}"' if upstream.service else ""
-            request.responseHeaders.setRawHeaders(b"www-authenticate", [f'Bearer realm="{view.token_realm}"{service}'.encode()])
-            body = errors.error_body("UNAUTHORIZED", "authentication required")
-            return _answer(request, 401, b"application/json", body, api_version=True)
-        return _answer(request, 200, b"application/json", b"{}", api_version=True)
-
-    def _mount_source(self, query: bytes, selection: Selection[Served]) -> bytes:
-        """A cross-repository mount's C{from=} in the upstream's spelling; from another upstream, no mount.
-
-        A mount across two upstreams can't be done by either: the mount is not
-        attempted and the upload starts as an ordinary one (202), which the
-        distribution spec lets a registry answer to any mount it can't do.
-        """
-        if b"from=" not in query:
-            return query
-        parts = query.split(b"&")
-        out = []
-        foreign = False
-        for part in parts:
-            key, sep, value = part.partition(b"=")
-            if key == b"from" and sep:
-                name = unquote(value.decode("latin-1"))
-                first, slash, _ = name.partition("/")
-                if slash and is_registry_name(first) and not selection.by_host:
-                    found = self._table.by_name(first)
-                    if found is None or found[1] is not selection.upstream:
-                        foreign = True
-                        continue
-                renamed = selection.names.to_upstream(name)
-                part = b"from=" + quote(renamed, safe="/").encode("ascii")
-            out.append(part)
-        if foreign:
-            out = [p for p in out if not p.startswith(b"mount=")]
-        return b"&".join(out)
-
-    async def _fetch_upload(
-        self, upstream: Upstream, method: bytes, url: str, headers: Headers, body: UploadBody
-    ) -> IResponse:
-        """Send a streamed upload; the response timeout runs from the end of the client's body.
-
-        An upload takes as long as the client takes to send it, so the usual
-        timeout can't start with the request; but once the whole body is in, an
-        upstream that never answers must not hold the client forever.
-        """
-        exchange = Deferred.fromCoroutine(upstream.fetch(method, url, headers, body, timeout=0))
-        timer: list[IDelayedCall] = []
-
-        def start_timer(_: None) -> None:
-            if not exchange.called and upstream.response_timeout:
-                timer.append(self._clock.callLater(upstream.response_timeout, exchange.cancel))
-
-        body.whole.addCallback(start_timer)
-        try:
-            response, _ = await exchange
-        except CancelledError:
-            if timer and not timer[0].active():
-                raise TimeoutError("no upstream response after the upload body") from None
-            raise  # the client left
-        finally:
-            if timer and timer[0].active():
-                timer[0].cancel()
-        return response
-
-    def _body(self, request: Request) -> IBodyProducer | None:
-        if request.method not in _BODY_METHODS:
-            return None
-        upload = getattr(request, "upload", None)
-        if upload is not None:
-            if upload.error is not None:
-                raise upload.error
-            return upload  # type: ignore[no-any-return]
-        data = _small_body(request, MAX_SMALL_BODY)
-        return BytesBody(data) if data else None
-
-    # token endpoint
-
-    async def _token(self, request: Request, suffix: str, query: bytes, exchange: Exchange) -> None:
-        form = _small_body(request, MAX_FORM_BODY) if request.method == b"POST" else b""
-        asked = parse_request(request.method, query, form, request.requestHeaders.hasHeader(b"authorization"))
-        selection, foreign = self._table.select_for_token(request.getHeader(b"host"), suffix, asked.repository_names)
-        served = selection.upstream
-        exchange.upstream = served.config.name
-        if not asked.credentials and asked.pull_only:
-            exchange.credentials = Credentials.PROXY.value
-            return _answer(request, 200, b"application/json", proxy_token_document(self._clock.seconds()))
-        upstream = served.upstream
-        if upstream.scheme is None:
-            await upstream.discover()
-        if upstream.scheme != "bearer":
-            # It takes no tokens (no auth, or Basic straight on each request):
-            # the proxy's own token is as good as any, whatever the client sent.
-            exchange.credentials = Credentials.PROXY.value
-            return _answer(request, 200, b"application/json", proxy_token_document(self._clock.seconds()))
-        exchange.credentials = Credentials.CLIENT.value
-        realm = await upstream.token_realm()
-        names: NameMap = selection.names
-        headers = upstream_request_headers(request.requestHeaders)
-        # A refresh token is one registry's: only where the name the client logged in to means one registry.
-        refresh = selection.by_host or len(self._table.upstreams) == 1
-        if request.method == b"GET":
-            rewritten = token_query(query, names.to_upstream, foreign, upstream.service, refresh)
-            url = realm + ("&" if "?" in realm else "?") + rewritten.decode("ascii") if rewritten else realm
-            body: IBodyProducer | None = None
-        else:
-            url = realm
-            body = BytesBody(token_query(form, names.to_upstream, foreign, upstream.service, refresh))
-        response = await upstream.send(request.method, url, headers, body)
-        exchange.upstream_status = response.code
-        exchange.head_ready = self._clock.seconds()
-        await stream(
-            request,
-            response,
-            client_response_headers(response.headers),
-            self._clock,
-            self._settings.idle_timeout,
-            self._settings.client_timeout,
-        )
-
-
-def _cache_label(status: str) -> str:
-    """A cache status as a metric label: hit, stored, collapsed, revalidated, stale, passed, or none."""
-    if status == "-":
-        return "none"
-    if "fwd=stale" in status:
-        return "stale"
-    for label in ("revalidated", "collapsed", "stored"):
-        if label in status:
-            return label
-    return "hit" if "hit" in status else "passed"
-
 
 def _cancel_when_client_leaves(failure: Failure, work: Deferred[None]) -> Failure:
     """The client disconnected: stop the upstream exchange (and its transfer)."""
     work.cancel()
     return failure
-
-
-def _small_body(request: Request, limit: int) -> bytes:
-    """A (buffered, bounded) request body; the request classes refuse larger ones before reading them."""
-    content = request.content
-    if content is None:
-        return b""
-    content.seek(0)
-    data: bytes = content.read(limit + 1)
-    if len(data) > limit:
-        raise errors.RegistryError(413, "SIZE_INVALID", f"request body larger than {limit} bytes")
-    return data
-
-
-def _answer(request: Request, code: int, content_type: bytes, body: bytes, api_version: bool = False) -> None:
-    request.setResponseCode(code)
-    request.responseHeaders.setRawHeaders(b"content-type", [content_type])
-    request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(body)])
-    if api_version:
-        request.responseHeaders.setRawHeaders(*errors.API_VERSION_HEADER)
-    request.write(body)
-    request.finish()
 
 
 def _as_registry_error(failure: Failure) -> errors.RegistryError:

@@ -1,4 +1,4 @@
-"""Source: where an answer comes from. Today the upstream itself.
+"""Source: where an answer comes from: the upstream itself, or the cache (L{Sources}).
 
 The upstream source sends the request with the credentials policy chose: the
 client's own, none, or the proxy's own token for this upstream and scope. In
@@ -10,9 +10,12 @@ is an upstream-shaped answer (status, headers, a body to stream) for the relay.
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 
+from . import routes
 from .policy import Credentials
 from .upstream import Upstream, discard
 from .upstream.tokens import UpstreamTokens
@@ -61,3 +64,49 @@ def _learn(upstream: Upstream, response: IResponse, source: str) -> None:
     challenges = response.headers.getRawHeaders(b"www-authenticate")
     if challenges:
         upstream.note_challenges(challenges, source)
+
+
+class Sources:
+    """Which source answers a read: the cache for blobs, manifests and listings, else the upstream.
+
+    The relay doesn't care which one answered; it gets an upstream-shaped
+    answer and a C{Cache-Status} (C{None} when the cache wasn't asked).
+    """
+
+    def __init__(self, blobs: Any = None, manifests: Any = None) -> None:
+        self.blobs = blobs
+        self.manifests = manifests
+
+    async def answer(
+        self, method: bytes, kind: routes.Kind, reference: str | None, origin: Any, body: IBodyProducer | None, tags: Any
+    ) -> tuple[IResponse, str | None]:
+        reads = method in (b"GET", b"HEAD")
+        if reads and self.manifests is not None and kind is routes.Kind.MANIFEST and reference is not None:
+            return await self.manifests.serve(origin, reference, method, tags)  # type: ignore[no-any-return]
+        if reads and self.manifests is not None and kind in (routes.Kind.TAGS, routes.Kind.CATALOG):
+            return await self.manifests.listing(origin, method)  # type: ignore[no-any-return]
+        if reads and self.blobs is not None and kind is routes.Kind.BLOB and reference is not None:
+            return await self.blobs.serve(origin, reference, method)  # type: ignore[no-any-return]
+        response, _ = await from_upstream(
+            origin.upstream, origin.tokens, method, origin.url, origin.headers, body, origin.credentials, origin.scope
+        )
+        self._learn(method, kind, reference, origin, response)
+        return response, None
+
+    def _learn(self, method: bytes, kind: routes.Kind, reference: str | None, origin: Any, response: IResponse) -> None:
+        """What a relayed answer tells the cache: a delete to forget, a right to read to remember."""
+        if self.blobs is None or not origin.repository:
+            return
+        name = origin.upstream.name
+        if method == b"DELETE" and response.code in (200, 202, 204) and reference is not None:
+            # Deleted through the proxy: the cache must not go on serving it through this repository.
+            self.blobs.store.unlink(name, origin.repository, reference)
+        if (
+            response.code == 200
+            and kind in (routes.Kind.MANIFEST, routes.Kind.TAGS, routes.Kind.BLOB)
+            and origin.credentials is not Credentials.NONE
+        ):
+            from .cache.blobs import identity
+
+            who, ttl = identity(origin.credentials, origin.headers)
+            self.blobs.note_readable(who, ttl, name, origin.repository)

@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
+from ..metrics import cache_label
 from ..policy import Credentials
 from ..ranges import Unsatisfiable, parse_range
 from ..source import from_upstream
@@ -103,15 +104,6 @@ def _token_lifetime(authorization: bytes, now: float | None = None) -> float:
     return max(0.0, min(left, 300.0))
 
 
-def _result(status: str) -> str:
-    if "fwd=stale" in status:
-        return "stale"
-    for label in ("revalidated", "collapsed", "stored"):
-        if label in status:
-            return label
-    return "hit" if status.startswith("regproxy; hit") else "passed"
-
-
 class BlobCache:
     """Blobs from the store, shared fills, auth-aware hits."""
 
@@ -171,7 +163,7 @@ class BlobCache:
         """The answer to a blob GET or HEAD, and its C{Cache-Status}."""
         answer, status = await self._serve(origin, digest, method)
         if self.metrics is not None:
-            self.metrics.cache.labels(origin.upstream.name, "blob", _result(status)).inc()
+            self.metrics.cache.labels(origin.upstream.name, "blob", cache_label(status)).inc()
         return answer, status
 
     async def _serve(self, origin: Origin, digest: str, method: bytes) -> tuple[IResponse, str]:

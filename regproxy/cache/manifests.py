@@ -44,6 +44,7 @@ from twisted.web.iweb import IResponse
 from .. import errors
 from ..config import TagRule
 from ..errors import API_VERSION_HEADER
+from ..metrics import cache_label
 from ..policy import Credentials, repository_glob
 from ..ratelimit import Budgets, retry_after
 from ..upload import MAX_SMALL_BODY
@@ -184,9 +185,7 @@ class ManifestCache:
         else:
             answer, status = await self._by_tag(origin, reference, method, rules)
         if self.metrics is not None:
-            from .blobs import _result
-
-            self.metrics.cache.labels(origin.upstream.name, "manifest", _result(status)).inc()
+            self.metrics.cache.labels(origin.upstream.name, "manifest", cache_label(status)).inc()
         return answer, status
 
     # who is asking

@@ -34,7 +34,12 @@ _CHUNK = 16 << 20
 
 
 class ClientGone(Exception):
-    """The client stopped reading or disconnected during a sendfile answer."""
+    """The client stopped reading or disconnected during a sendfile answer.
+
+    @ivar sent: body bytes that went out before.
+    """
+
+    sent = 0
 
 
 def socket_of(request: Request) -> socket.socket | None:
@@ -94,6 +99,9 @@ class Sendfile:
             sent = await threads.deferToThreadPool(
                 self._reactor, self._pool, _send, out, head, fd, offset, count, self._timeout
             )
+        except ClientGone as e:
+            request.sentLength += e.sent
+            raise
         finally:
             self._busy -= 1
             os.close(out)
@@ -118,13 +126,13 @@ def _send(out: int, head: bytes, fd: int, offset: int, count: int, timeout: floa
     poller = select.poll()
     poller.register(out, select.POLLOUT)
     view = memoryview(head)
+    sent = 0
     try:
         while view:
             try:
                 view = view[os.write(out, view) :]
             except BlockingIOError:
                 _wait_writable(poller, timeout)
-        sent = 0
         while sent < count:
             try:
                 n = os.sendfile(out, fd, offset + sent, min(count - sent, _CHUNK))
@@ -136,4 +144,9 @@ def _send(out: int, head: bytes, fd: int, offset: int, count: int, timeout: floa
             sent += n
         return sent
     except (BrokenPipeError, ConnectionResetError) as e:
-        raise ClientGone(str(e)) from e
+        gone = ClientGone(str(e))
+        gone.sent = sent
+        raise gone from e
+    except ClientGone as e:
+        e.sent = sent
+        raise

@@ -76,7 +76,17 @@ def test_metrics_count_requests_cache_results_and_bytes(ops_proxy: tuple[ProxyPr
     url = f"{proxy.url}/v2/library/alpine/blobs/{layer.digest}"
     assert sha256_of("GET", url, auth)[1] == layer.digest
     assert sha256_of("GET", url, auth)[1] == layer.digest
-    after = scrape(port)
+    # The proxy finishes its bookkeeping just after the client has its last byte (a sendfile hit
+    # completes in a thread): wait for the figures to settle.
+    deadline = time.monotonic() + 10
+    while True:
+        after = scrape(port)
+        settled = total(after, "regproxy_requests_in_flight") == 0 and total(
+            after, "regproxy_requests_total", kind="blob"
+        ) - total(before, "regproxy_requests_total", kind="blob") >= 2
+        if settled or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
 
     def moved(name: str, **labels: str) -> float:
         return total(after, name, **labels) - total(before, name, **labels)
