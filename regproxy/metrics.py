@@ -84,7 +84,8 @@ class Metrics:
         )
         self.cache = Counter(
             "regproxy_cache_requests_total",
-            "Cache lookups, by content (blob, manifest) and result (hit, stored, collapsed, revalidated, stale, passed).",
+            "Cache lookups, by content (blob, manifest) and result (hit, stored, collapsed, revalidated, stale, "
+            "passed; prefetched: a fill started ahead of the client).",
             ["upstream", "content", "result"],
             registry=r,
         )

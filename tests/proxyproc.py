@@ -90,12 +90,14 @@ class ProxyProcess:
             return argv + ["--config", str(self.config), *self.args]
         return argv + ["--upstream", self.upstream, *self.args]
 
-    def start(self, timeout: float = 20.0) -> ProxyProcess:
+    def start(self, timeout: float = 20.0, keep_ports: bool = False) -> ProxyProcess:
+        """Start the proxy on free ports (or, with C{keep_ports}, on the ones it had: a restart)."""
         if self.tls and self.pki is None:
             self.pki = make_pki(self.workdir / "pki")
         for _ in range(3):
-            self.port = free_port()
-            self.tls_port = free_port() if self.tls else 0
+            if not keep_ports:
+                self.port = free_port()
+                self.tls_port = free_port() if self.tls else 0
             log = self.log_path.open("ab")
             self.process = subprocess.Popen(
                 self.command(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ)
@@ -110,6 +112,13 @@ class ProxyProcess:
             if "Address already in use" not in self.log_text():
                 break
         raise RuntimeError(f"regproxy did not start:\n{self.log_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: the proxy dies mid-whatever, as in a crash."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

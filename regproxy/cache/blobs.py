@@ -239,9 +239,11 @@ class BlobCache:
             return
         if digest in self._starting or digest in self._fills:
             return
-        response, _ = await self._start(origin, digest, reader=False)
+        response, status = await self._start(origin, digest, reader=False)
         if response is not None:
             discard(response)
+        elif status == STORED and self.metrics is not None:
+            self.metrics.cache.labels(origin.upstream.name, "blob", "prefetched").inc()
 
     async def _start(self, origin: Origin, digest: str, reader: bool = True) -> tuple[IResponse, str]:
         """This request is the first for a cold blob: fetch it into a fill and read that.
