@@ -31,8 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import treq
-from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore, TimeoutError
+from twisted.internet.defer import Deferred, DeferredSemaphore, TimeoutError
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -48,6 +47,7 @@ from ..metrics import cache_label
 from ..policy import Credentials, repository_glob
 from ..ratelimit import Budgets, retry_after
 from ..upload import MAX_SMALL_BODY
+from ..upstream import discard, read_bounded
 from .blobs import Origin, identity
 from .reader import BytesAnswer
 from .store import Store, Tag, split_digest
@@ -427,7 +427,7 @@ class ManifestCache:
             if method == b"HEAD":
                 _discard(response)
                 return _Fetched(response.code, response.headers, b"")
-            body = await _read_bounded(response, MAX_SMALL_BODY)
+            body = await read_bounded(response, MAX_SMALL_BODY, "manifest")
             return _Fetched(response.code, response.headers, body)
 
         Deferred.fromCoroutine(exchange()).addBoth(self._deliver, job)
@@ -556,24 +556,4 @@ def _reason(error: BaseException) -> str:
 
 
 def _discard(response: IResponse) -> None:
-    from ..upstream import discard
-
     discard(response)
-
-
-async def _read_bounded(response: IResponse, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-
-    def collect(data: bytes) -> None:
-        nonlocal size
-        size += len(data)
-        if size > limit:
-            raise errors.RegistryError(502, "UNAVAILABLE", f"upstream manifest larger than {limit} bytes")
-        chunks.append(data)
-
-    try:
-        await treq.collect(response, collect)
-    except CancelledError:
-        raise
-    return b"".join(chunks)

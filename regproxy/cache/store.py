@@ -185,14 +185,7 @@ class Store:
             return
         partial = self.partial_path(digest).with_suffix(".small")
         partial.write_bytes(data)
-        final = self.blob_path(digest)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(partial, final)
-        now = time.time()
-        self._db.execute(
-            "INSERT OR REPLACE INTO blobs (digest, size, media_type, created, last_access) VALUES (?, ?, ?, ?, ?)",
-            (digest, len(data), media_type, now, now),
-        )
+        self._place(partial, digest, len(data), media_type)
 
     def read_bytes(self, blob: Blob) -> bytes | None:
         try:
@@ -290,21 +283,23 @@ class Store:
             except FileNotFoundError:
                 pass
 
-    def commit(self, digest: str, size: int, media_type: str) -> Path:
-        """Move a verified partial into place and index it."""
-        partial = self.partial_path(digest)
+    def _place(self, source: Path, digest: str, size: int, media_type: str) -> Path:
+        """Rename verified content to its final path and index it."""
         final = self.blob_path(digest)
         final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(partial, final)
+        os.replace(source, final)
         now = time.time()
         self._db.execute(
             "INSERT OR REPLACE INTO blobs (digest, size, media_type, created, last_access) VALUES (?, ?, ?, ?, ?)",
             (digest, size, media_type, now, now),
         )
-        try:
-            partial.with_suffix(".json").unlink()
-        except FileNotFoundError:
-            pass
+        return final
+
+    def commit(self, digest: str, size: int, media_type: str) -> Path:
+        """Move a verified partial into place and index it."""
+        partial = self.partial_path(digest)
+        final = self._place(partial, digest, size, media_type)
+        partial.with_suffix(".json").unlink(missing_ok=True)
         self.evict()
         return final
 

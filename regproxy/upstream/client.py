@@ -83,6 +83,24 @@ def discard(response: IResponse) -> None:
     response.deliverBody(_Discard())
 
 
+async def read_bounded(response: IResponse, limit: int, what: str) -> bytes:
+    """A small upstream body read whole (a token, a manifest); more than C{limit} bytes is a 502."""
+    import treq
+
+    chunks: list[bytes] = []
+    size = 0
+
+    def collect(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
+        if size > limit:
+            raise errors.RegistryError(502, "UNAVAILABLE", f"upstream {what} larger than {limit} bytes")
+        chunks.append(data)
+
+    await treq.collect(response, collect)
+    return b"".join(chunks)
+
+
 def policy_for(config: UpstreamConfig) -> OutboundPolicy:
     """The outbound rules an upstream's configuration sets."""
     return OutboundPolicy(

@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
@@ -29,7 +28,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseNeverReceived
 
 from .. import errors
-from .client import Upstream
+from .client import Upstream, read_bounded
 
 #: The token spec's default lifetime when a token server doesn't say.
 DEFAULT_EXPIRES_IN = 60
@@ -127,7 +126,7 @@ class UpstreamTokens:
                 allow_redirects=False,
                 timeout=upstream.response_timeout or None,
             )
-            body = await _bounded_content(response, MAX_TOKEN_RESPONSE)
+            body = await read_bounded(response, MAX_TOKEN_RESPONSE, "token response")
         except errors.RegistryError:
             raise
         except (TimeoutError, CancelledError) as e:
@@ -177,18 +176,3 @@ class UpstreamTokens:
     def forget(self, scope: str) -> None:
         """Drop a token the upstream refused."""
         self._tokens.pop(scope, None)
-
-
-async def _bounded_content(response: Any, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-
-    def collect(data: bytes) -> None:
-        nonlocal size
-        size += len(data)
-        if size > limit:
-            raise errors.RegistryError(502, "UNAVAILABLE", "token response too large")
-        chunks.append(data)
-
-    await treq.collect(response, collect)
-    return b"".join(chunks)
