@@ -39,13 +39,20 @@ class FillFailed(Exception):
 
 
 class Growing:
-    """What a reader follows: bytes written so far, and whether they are verified."""
+    """What a reader follows: bytes written so far, and whether they are verified.
+
+    @ivar tail: the last chunk written, at offset C{tail_at}: a reader that is
+        right behind the fill takes its bytes from here rather than reading the
+        file back (it is in memory anyway, until the next chunk replaces it).
+    """
 
     size: int
     media_type: str
     written: int = 0
     verified: bool = False
     failure: Failure | None = None
+    tail: bytes = b""
+    tail_at: int = 0
 
     def __init__(self) -> None:
         self._listeners: list[Callable[[], None]] = []
@@ -141,6 +148,7 @@ class Fill(Growing):
             self._fail(FillFailed(f"cannot write the cache: {e.strerror}"))
             return
         self._hash.update(data)
+        self.tail, self.tail_at = data, self.written
         self.written += len(data)
         self._changed()
 

@@ -105,11 +105,13 @@ class FileBody:
                 if self._pos >= limit:
                     self._wait()
                     return
-                try:
-                    data = os.pread(self._fd, min(self._chunk, limit - self._pos), self._pos)
-                except OSError as e:
-                    self._close(Failure(e))
-                    return
+                data = self._from_tail(source, limit)
+                if not data:
+                    try:
+                        data = os.pread(self._fd, min(self._chunk, limit - self._pos), self._pos)
+                    except OSError as e:
+                        self._close(Failure(e))
+                        return
                 if not data:
                     self._close(Failure(EOFError("cache file shorter than its index says")))
                     return
@@ -117,6 +119,18 @@ class FileBody:
                 self._protocol.dataReceived(data)
         finally:
             self._in_loop = False
+
+    def _from_tail(self, source: Growing | None, limit: int) -> bytes:
+        """Right behind a fill: its last chunk, still in memory, instead of reading the file back."""
+        if source is None or not source.tail:
+            return b""
+        start = self._pos - source.tail_at
+        if start < 0 or start >= len(source.tail):
+            return b""
+        end = min(limit - source.tail_at, len(source.tail))
+        if start == 0 and end == len(source.tail):
+            return source.tail
+        return source.tail[start:end]
 
     def _wait(self) -> None:
         if not self._waiting and self._source is not None:
