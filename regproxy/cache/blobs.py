@@ -278,10 +278,15 @@ class BlobCache:
             if response.code != 200 or size is UNKNOWN_LENGTH or not self.store.room_for(size):
                 self._unclaim(digest, fd)
                 self._release(waiters, None)
+                if response.code == 200 and any(origin.headers.hasHeader(h) for h in _CONDITIONAL):
+                    # Not cacheable after all (too big, no length): the client's own request,
+                    # Range and all, goes upstream, so a range never gets the whole blob.
+                    discard(response)
+                    return await self._pass(origin, b"GET", "regproxy; fwd=miss")
                 status = "regproxy; fwd=miss" + (f"; fwd-status={response.code}" if response.code != 200 else "")
                 response.headers.setRawHeaders(b"cache-status", [status.encode("ascii")])
                 self.counts["passed"] += 1
-                return self._ranged(response, origin), status
+                return response, status
 
             async def resume(offset: int) -> IResponse:
                 self.counts["resumed"] += 1
@@ -308,10 +313,6 @@ class BlobCache:
             if self._starting.get(digest) is waiters:
                 del self._starting[digest]
                 self._release(waiters, None)
-
-    def _ranged(self, response: IResponse, origin: Origin) -> IResponse:
-        """An uncached 200 the client asked a range of: passed on whole only if it asked none."""
-        return response
 
     def _claim(self, digest: str) -> int | None:
         """Open and lock the partial file: this process fills. C{None}: another worker does."""

@@ -173,7 +173,7 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_full_disk_still_serves_and_stores_nothing_corrupt(upstream: HostileServer, tmp_path: Path, tiny_disk: Path) -> None:
-    """A blob that doesn't fit the disk is passed through whole, uncached; what fits is cached; nothing corrupt stays."""
+    """A blob that doesn't fit the disk is passed through whole (a range as a range), uncached; what fits is cached; nothing corrupt stays."""
     big = data(20, 16 * MIB)
     small = data(21, MIB)
     for body in (big, small):
@@ -184,6 +184,9 @@ def test_full_disk_still_serves_and_stores_nothing_corrupt(upstream: HostileServ
         reply, got, size = sha256_of("GET", blob_url(proxy, sha256_digest(big)), {})
         assert reply.status == 200 and got == sha256_digest(big) and size == len(big)
         assert "stored" not in (reply.header("Cache-Status") or "")
+        # A range of a blob that can't be cached is still a range (the client's own request goes upstream).
+        part = request("GET", blob_url(proxy, sha256_digest(big)), {"Range": "bytes=1000-1999"})
+        assert part.status == 206 and part.body == big[1000:2000]
         reply, got, _ = sha256_of("GET", blob_url(proxy, sha256_digest(small)), {})
         assert got == sha256_digest(small)
         for path in (tiny_disk / "cache" / "blobs").rglob("*"):
