@@ -23,6 +23,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+#: The source tree regproxy runs from (its cwd: `python -m twisted regproxy` finds the
+#: plugin and the package there). run.py --snapshot points it at an export of HEAD.
+REGPROXY_TREE = REPO_ROOT
+
+
+def snapshot_tree(workdir: Path) -> tuple[Path, str]:
+    """git archive HEAD into workdir/tree-<sha> (reused): a copy nobody edits while the
+    benchmark runs. Returns the directory and the commit."""
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    tree = workdir / f"tree-{sha[:12]}"
+    if not (tree / "regproxy").is_dir():
+        tmp = workdir / f"tree-{sha[:12]}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        archive = subprocess.Popen(["git", "archive", "HEAD"], cwd=REPO_ROOT, stdout=subprocess.PIPE)
+        subprocess.run(["tar", "-x", "-C", str(tmp)], stdin=archive.stdout, check=True)
+        assert archive.stdout is not None
+        archive.stdout.close()
+        if archive.wait() != 0:
+            raise RuntimeError("git archive HEAD failed")
+        tmp.rename(tree)
+    return tree, sha
+
+
+def tree_version(tree: Path) -> str:
+    """The commit regproxy runs from, with "-dirty" when the work tree has changes."""
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=tree,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def free_port() -> int:
@@ -149,7 +181,7 @@ storage:
     blobdescriptor: inmemory
 http:
   addr: 127.0.0.1:{port}
-{proxy}"""
+{tls}{proxy}"""
 
 
 class Registry:
@@ -159,19 +191,22 @@ class Registry:
     sent per blob GET, which is how upstream traffic of each peer is counted.
     """
 
-    ACCESS = re.compile(r'"GET (\S*/blobs/\S+) HTTP/[\d.]+" (\d{3}) (\d+)')
+    ACCESS = re.compile(r'"(GET|HEAD|POST|PUT|PATCH|DELETE) (\S+) HTTP/[\d.]+" (\d{3}) (\d+|-)')
 
     def __init__(self, name: str, rundir: Path, storage: Path,
-                 remote: str | None = None) -> None:
+                 remote: str | None = None, tls: tuple[Path, Path] | None = None) -> None:
+        """tls: (key, cert) to serve HTTPS (distribution's http.tls), e.g. a second
+        instance on the upstream's storage as the TLS upstream."""
         self.name, self.storage, self.remote = name, storage, remote
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.config = rundir / f"{name}.yml"
         proxy = f"proxy:\n  remoteurl: {remote}\n" if remote else ""
+        tls_conf = f"  tls:\n    certificate: {tls[1]}\n    key: {tls[0]}\n" if tls else ""
         # The proxy logs only warnings: it is measured, the upstream is not.
         self.config.write_text(REGISTRY_CONFIG.format(
             level="warn" if remote else "info", noaccess="true" if remote else "false",
-            root=storage, port=self.port, proxy=proxy))
+            root=storage, port=self.port, proxy=proxy, tls=tls_conf))
         self.proc = Proc(name, ["docker-registry", "serve", str(self.config)],
                          rundir / f"{name}.log")
 
@@ -191,12 +226,20 @@ class Registry:
     def log_mark(self) -> int:
         return self.proc.log.stat().st_size
 
-    def blob_bytes_since(self, mark: int) -> int:
-        """Bytes of blob GET responses the access log recorded after mark."""
+    def requests_since(self, mark: int) -> list[tuple[str, str, int, int]]:
+        """(method, path, status, body bytes) of each request the access log
+        recorded after mark."""
         with open(self.proc.log, "rb") as f:
             f.seek(mark)
             text = f.read().decode(errors="replace")
-        return sum(int(m.group(3)) for m in self.ACCESS.finditer(text))
+        return [(m.group(1), m.group(2), int(m.group(3)),
+                 int(m.group(4)) if m.group(4) != "-" else 0)
+                for m in self.ACCESS.finditer(text)]
+
+    def blob_bytes_since(self, mark: int) -> int:
+        """Bytes of blob GET responses the access log recorded after mark."""
+        return sum(n for method, path, _, n in self.requests_since(mark)
+                   if method == "GET" and "/blobs/" in path)
 
     def has_blob(self, digest: str) -> bool:
         """True once the blob is complete in this registry's own storage."""
@@ -257,8 +300,11 @@ class Nginx:
 
 
 def make_cert(rundir: Path) -> tuple[Path, Path]:
-    """Self-signed cert for 127.0.0.1, so regproxy's TLS listener can be measured."""
+    """Self-signed cert for 127.0.0.1 (made once per run), for regproxy's TLS
+    listener and the TLS upstream; it is also the CA the proxies are given."""
     key, cert = rundir / "tls-key.pem", rundir / "tls-cert.pem"
+    if key.exists() and cert.exists():
+        return key, cert
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                     "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)],
@@ -267,34 +313,160 @@ def make_cert(rundir: Path) -> tuple[Path, Path]:
 
 
 class RegProxy:
-    """The proxy under test, run from the work tree so its twisted plugin is found."""
+    """The proxy under test, run from the work tree so its twisted plugin is found.
+
+    cache: a cache directory (under the run directory) turns the blob and
+    manifest cache on; restart(fresh=True) empties it (the cold peers).
+    config: TOML text written next to it and passed as --config (the tag rules).
+    """
 
     def __init__(self, rundir: Path, upstream_url: str, python: str, extra: tuple[str, ...] = (),
-                 name: str = "regproxy") -> None:
+                 name: str = "regproxy", cache: bool = False, config: str | None = None,
+                 upstream_ca: Path | None = None) -> None:
+        self.name = name
         self.port, self.tls_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tls_url = f"https://127.0.0.1:{self.tls_port}"
+        self.cache_dir = rundir / f"{name}-cache" if cache else None
         key, cert = make_cert(rundir)
-        self.proc = Proc(name, [
-            python, "-m", "twisted", "regproxy", *extra,
-            "--listen", f"tcp:{self.port}:interface=127.0.0.1",
-            "--listen", f"ssl:{self.tls_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}",
-            "--upstream", upstream_url, "--no-library-prefix"],
-            rundir / f"{name}.log", cwd=REPO_ROOT)
+        argv = [python, "-m", "twisted", "regproxy", *extra,
+                "--listen", f"tcp:{self.port}:interface=127.0.0.1",
+                "--listen", f"ssl:{self.tls_port}:interface=127.0.0.1:privateKey={key}:certKey={cert}"]
+        if config is not None:
+            conf = rundir / f"{name}.toml"
+            conf.write_text(config)
+            argv += ["--config", str(conf)]
+        else:
+            argv += ["--upstream", upstream_url, "--no-library-prefix"]
+            if upstream_ca is not None:
+                argv += ["--upstream-ca", str(upstream_ca)]
+        if self.cache_dir is not None:
+            argv += ["--cache-dir", str(self.cache_dir)]
+        # A restart (cold peers) should not wait for idle keep-alive clients.
+        argv += ["--drain-timeout", "2"]
+        self.proc = Proc(name, argv, rundir / f"{name}.log", cwd=REGPROXY_TREE)
 
     def start(self) -> str | None:
         self.proc.start()
         err = wait_http(self.url + "/v2/", self.proc, timeout=30)
         return err or wait_http(self.tls_url + "/v2/", self.proc, timeout=10)
 
+    def restart(self, fresh: bool = True) -> None:
+        """Stop; with fresh, empty the cache directory; start again."""
+        self.proc.stop()
+        if fresh and self.cache_dir is not None and self.cache_dir.exists():
+            shutil.rmtree(self.cache_dir)
+        err = self.start()
+        if err:
+            raise RuntimeError(err)
+
+    def cache_status(self, path: str, headers: dict[str, str] | None = None) -> str:
+        """The Cache-Status of a HEAD of path (plain listener)."""
+        u = urllib.parse.urlsplit(self.url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+        try:
+            conn.request("HEAD", path, headers=headers or {})
+            r = conn.getresponse()
+            r.read()
+            return r.getheader("Cache-Status", "")
+        finally:
+            conn.close()
+
+
+NGINX_STATIC_CONFIG = """\
+worker_processes 2;
+pid {d}/{name}.pid;
+error_log {d}/{name}-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/nginx-tmp/body;
+    proxy_temp_path {d}/nginx-tmp/proxy;
+    fastcgi_temp_path {d}/nginx-tmp/fastcgi;
+    uwsgi_temp_path {d}/nginx-tmp/uwsgi;
+    scgi_temp_path {d}/nginx-tmp/scgi;
+    sendfile on;
+    tcp_nopush on;
+    types {{ }}
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location /v2/ {{ default_type application/octet-stream; }}
+        location ~ /manifests/ {{ default_type {manifest_type}; }}
+    }}
+}}
+"""
+
+
+class NginxStatic:
+    """nginx serving the blob files themselves from disk (sendfile on): what a
+    cache hit can at best be. files: URL path -> file (symlinked under a root)."""
+
+    def __init__(self, rundir: Path, files: dict[str, Path], manifest_type: str,
+                 name: str = "nginx-static") -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        root = rundir / f"{name}-root"
+        for urlpath, target in files.items():
+            link = root / urlpath.lstrip("/")
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to(target)
+        (rundir / "nginx-tmp").mkdir(exist_ok=True)
+        conf = rundir / f"{name}.conf"
+        conf.write_text(NGINX_STATIC_CONFIG.format(d=rundir, port=self.port, root=root,
+                                                    manifest_type=manifest_type, name=name))
+        self.proc = Proc(name, ["nginx", "-p", str(rundir), "-c", str(conf),
+                                "-g", "daemon off;"], rundir / f"{name}.log")
+
+    def start(self) -> str | None:
+        self.proc.start()
+        return wait_http(self.url + "/v2/", self.proc)
+
+
+class NaiveProxy:
+    """benchmarks/naive_proxy.py: twisted.web.proxy.ReverseProxyResource in front of
+    the upstream, nothing else (no flow control: it buffers whatever the client
+    doesn't take yet)."""
+
+    def __init__(self, rundir: Path, upstream_port: int, python: str, name: str = "naive") -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = Proc(name, [python, str(Path(__file__).resolve().parent / "naive_proxy.py"),
+                                "127.0.0.1", str(upstream_port), str(self.port)],
+                         rundir / f"{name}.log")
+
+    def start(self) -> str | None:
+        self.proc.start()
+        return wait_http(self.url + "/v2/", self.proc)
+
+
+class DelayRelay:
+    """benchmarks/delay_relay.py: a TCP relay that puts the upstream rtt_ms away."""
+
+    def __init__(self, rundir: Path, target_port: int, rtt_ms: float, python: str,
+                 name: str = "relay") -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = Proc(name, [python, str(Path(__file__).resolve().parent / "delay_relay.py"),
+                                "--listen", str(self.port), "--target", f"127.0.0.1:{target_port}",
+                                "--rtt-ms", str(rtt_ms)], rundir / f"{name}.log")
+
+    def start(self) -> str | None:
+        self.proc.start()
+        return wait_http(self.url + "/v2/", self.proc)
+
 
 @dataclass
 class Peer:
     """One column of the results: a base URL plus the processes charged for its work.
 
-    prepare(digest) runs before every measurement: the cold distribution proxy
-    restarts on empty storage there, the warm one makes sure the blob is cached.
-    settle() runs after a measurement, before upstream bytes are read.
+    prepare(digest) runs before every measurement: the cold peers restart on
+    empty storage there, the warm ones make sure the blob is cached.
+    settle() runs after a measurement, before upstream traffic is read.
+    tests: the measurements (rows) this peer takes part in; skip: never these.
+    upstream: the registry whose access log counts this peer's upstream traffic
+    (default: the plain upstream).
     """
 
     name: str
@@ -304,3 +476,9 @@ class Peer:
     settle: Callable[[str | None], None] = lambda digest: None
     skip: set[str] = field(default_factory=set)
     unavailable: str | None = None
+    tests: set[str] | None = None
+    upstream: Registry | None = None
+    key: str = ""
+
+    def takes(self, test: str) -> bool:
+        return test not in self.skip and (self.tests is None or test in self.tests)
