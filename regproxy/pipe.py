@@ -35,6 +35,10 @@ class ClientStalled(Exception):
     """The client left its download unread for too long."""
 
 
+class ClientLeft(Exception):
+    """The client's connection closed while its body was being sent: nobody to answer, nothing to warn about."""
+
+
 @implementer(IPushProducer)
 class BodyPipe(Protocol):
     """Upstream body -> client request, with pause/resume/stop forwarded upstream.

@@ -31,7 +31,7 @@ from .cache.manifests import ManifestCache
 from .cache.sendfile import ClientGone
 from .exchange import Exchange, Served, Settings, answer
 from .metrics import Metrics, record_request, status_class
-from .pipe import BodyIdleTimeout, ClientStalled
+from .pipe import BodyIdleTimeout, ClientLeft, ClientStalled
 from .policy import RateLimiter, client_address, client_allowed
 from .registry import RegistryAPI
 from .relay import close_if_body_pending, gone, public_base
@@ -137,7 +137,9 @@ class RegistryProxy(Resource):
 
     def _failed(self, failure: Failure, request: Request, exchange: Exchange) -> None:
         """Turn whatever went wrong into the right answer, or a dropped connection."""
-        if failure.check(CancelledError) or gone(request):
+        # A client leaving a body read from the cache fails it at once, before
+        # twisted.web has marked the request gone.
+        if failure.check(CancelledError, ClientLeft) or gone(request):
             exchange.note = exchange.note or "client gone"
             return
         upload = getattr(request, "upload", None)

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -24,6 +23,7 @@ from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from ..errors import API_VERSION_HEADER
+from ..pipe import ClientLeft
 from ..ranges import ByteRange
 from .fill import Growing
 
@@ -75,7 +75,7 @@ class FileBody:
         self._pump()
 
     def stopProducing(self) -> None:
-        self._close(Failure(ConnectionLost("the client went away")))
+        self._close(Failure(ClientLeft("the client went away")))
 
     # the reading loop
 

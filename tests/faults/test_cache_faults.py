@@ -122,6 +122,30 @@ def test_kill_9_mid_fill_leaves_nothing_half_written(upstream: HostileServer, tm
         proxy.stop()
 
 
+def test_client_leaving_a_cold_fill_is_logged_as_gone_not_as_an_upstream_failure(
+    upstream: HostileServer, tmp_path: Path
+) -> None:
+    """A client that hangs up mid cold fill: its access-log line says client gone, and no upstream failure is warned of."""
+    body = data(4, 4 * MIB)
+    digest = sha256_digest(body)
+    release = threading.Event()
+    upstream.route("GET", rf"/v2/team/app/blobs/{digest}", Blob(body, faults=Respond(stall_after=MIB, stall=release)))
+    proxy = start(tmp_path, upstream, "--idle-timeout", "30")
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=30)
+        conn.request("GET", f"/v2/team/app/blobs/{digest}")
+        response = conn.getresponse()
+        response.read(MIB // 2)
+        conn.close()
+        wait_until(lambda: "client gone" in proxy.log_text(), 10)
+        release.set()
+        log = proxy.log_text()
+        assert "upstream failed mid-response" not in log and "Traceback" not in log
+    finally:
+        release.set()
+        proxy.stop()
+
+
 def test_eviction_keeps_lru_order_and_spares_a_blob_being_read(upstream: HostileServer, tmp_path: Path) -> None:
     """Under a small --cache-max-size, least recently used blobs go first, but never one a client is reading."""
     blobs = [data(10 + i, MIB) for i in range(5)]

@@ -107,3 +107,19 @@ def test_installed_twist_lists_plugin(tmp_path: Path) -> None:
     out = subprocess.run([str(twist), "regproxy", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "--upstream" in out.stdout and "--library-prefix" in out.stdout
+
+
+def test_process_wide_streaming_settings_follow_read_size() -> None:
+    """makeService sets the socket read size, four chunks per send(2), and BatchedTLS for every TLS connection."""
+    from twisted.internet import tcp
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from regproxy.tlsrecords import BatchedTLS
+
+    saved = (tcp.Connection.bufferSize, tcp.Connection.SEND_LIMIT, TLSMemoryBIOFactory.protocol)
+    try:
+        makeService(parse("--listen", "tcp:0:interface=127.0.0.1", "--read-size", "128K"), MemoryReactor())
+        assert tcp.Connection.bufferSize == 128 << 10 and tcp.Connection.SEND_LIMIT == 512 << 10
+        assert TLSMemoryBIOFactory.protocol is BatchedTLS
+    finally:
+        tcp.Connection.bufferSize, tcp.Connection.SEND_LIMIT, TLSMemoryBIOFactory.protocol = saved

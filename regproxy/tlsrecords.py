@@ -1,0 +1,98 @@
+"""TLS with one trip through Python per chunk relayed, not one per 16 KiB record.
+
+Twisted's L{TLSMemoryBIOProtocol} hands OpenSSL at most one record (16 KiB)
+per C{send}, reads the encrypted bytes back and writes them to the socket after
+each one; and on the way in it delivers every record's plaintext separately,
+so a 256 KiB read from an upstream runs the HTTP parser, the relay and the
+client's write 16 times. Profiled on a TLS listener (benchmarks/README.md),
+that Python around pyOpenSSL cost more than the cipher.
+
+L{BatchedTLS} keeps Twisted's logic and changes only how much goes at once:
+every record of one write is encrypted before one C{bio_read} and one
+transport write; every record a socket read completes is decrypted before one
+delivery. It replaces the protocol class of L{TLSMemoryBIOFactory}, which
+every TLS connection in the process uses (C{--listen ssl:...} through
+C{startTLS}, upstream connections through C{wrapClientTLS}); no public API
+chooses that class for the C{ssl:} endpoint. It overrides the private
+C{_write}, C{_flushSendBIO} and C{_flushReceiveBIO}; tests/unit/test_tlsrecords.py
+pins the names and the behaviour it relies on.
+"""
+
+from __future__ import annotations
+
+from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+#: Plaintext handed to OpenSSL per C{send}: it stops after each record anyway
+#: (pyOpenSSL enables partial writes), so this only bounds the slice.
+_RECORD = 1 << 14
+#: Largest read from the send BIO: a 256 KiB chunk plus its record overhead in one.
+_BIO_READ = 1 << 19
+#: Plaintext per C{recv}: one record's worth (OpenSSL returns no more per call).
+_RECV = 1 << 15
+
+
+class BatchedTLS(BufferingTLSTransport):
+    """L{BufferingTLSTransport}, encrypting a whole write and decrypting a whole read per Python round."""
+
+    def _write(self, data: bytes) -> None:  # type: ignore[override]
+        if self._lostTLSConnection:
+            return
+        view = memoryview(data)
+        sent = 0
+        try:
+            while sent < len(data):
+                try:
+                    sent += self._tlsConnection.send(view[sent : sent + _RECORD])
+                except WantReadError:
+                    # Renegotiation or key update in the way: Twisted's buffering takes over.
+                    self._bufferedWrite(data[sent:])
+                    break
+                except Error:
+                    self._tlsShutdownFinished(Failure())
+                    return
+        finally:
+            view.release()
+        self._flushSendBIO()
+
+    def _flushSendBIO(self) -> None:
+        transport = self.transport
+        assert transport is not None  # only called while connected
+        while True:
+            try:
+                encrypted = self._tlsConnection.bio_read(_BIO_READ)
+            except WantReadError:
+                return  # the BIO is empty
+            transport.write(encrypted)
+            if len(encrypted) < _BIO_READ:
+                return
+
+    def _flushReceiveBIO(self) -> None:
+        plain: list[bytes] = []
+        failure: Failure | None = None
+        closed = False
+        while not self._lostTLSConnection and not closed and failure is None:
+            try:
+                plain.append(self._tlsConnection.recv(_RECV))
+            except WantReadError:
+                break
+            except ZeroReturnError:
+                closed = True
+            except Error:
+                failure = Failure()
+        if plain and not self._aborted:
+            ProtocolWrapper.dataReceived(self, plain[0] if len(plain) == 1 else b"".join(plain))
+        if closed and not self._lostTLSConnection:
+            # The peer's close_notify, after the data before it was delivered.
+            self._shutdownTLS()
+            self._tlsShutdownFinished(None)
+        elif failure is not None and not self._lostTLSConnection:
+            self._tlsShutdownFinished(failure)
+        self._flushSendBIO()
+
+
+def install() -> None:
+    """Make every TLS connection of this process a L{BatchedTLS}."""
+    TLSMemoryBIOFactory.protocol = BatchedTLS
