@@ -222,3 +222,29 @@ def test_a_fill_in_another_worker_is_followed(tmp_path: Path) -> None:
     for _ in range(5):
         clock.advance(RemoteFill.POLL)
     assert sink.data == data and sink.ended is not None and sink.ended.check(ResponseDone)
+
+
+def test_small_content_is_answered_from_memory_within_a_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Manifests put or read once come from memory (no file read), the least recently used leave past the bound."""
+    from regproxy.cache import store as store_module
+
+    monkeypatch.setattr(store_module, "SMALL_IN_MEMORY", 3000)
+    store = Store(tmp_path)
+    docs = [os.urandom(1000) for _ in range(4)]
+    for data in docs:
+        store.put_bytes(digest_of(data), data, "application/vnd.oci.image.manifest.v1+json")
+    reads: list[Path] = []
+    real = Path.read_bytes
+
+    def counting(self: Path) -> bytes:
+        reads.append(self)
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", counting)
+    for data in docs[1:]:
+        blob = store.complete(digest_of(data))
+        assert blob is not None and store.read_bytes(blob) == data
+    assert reads == []  # the three most recent were in memory
+    blob = store.complete(digest_of(docs[0]))
+    assert blob is not None and store.read_bytes(blob) == docs[0]
+    assert len(reads) == 1  # the first had been dropped: read from its file, and kept again
