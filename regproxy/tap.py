@@ -69,6 +69,7 @@ _SERVER_PARAMETERS = {
     "cache-dir": "cache_dir",
     "cache-max-size": "cache_max_size",
     "prefetch": "prefetch",
+    "sendfile-threads": "sendfile_threads",
     "metrics-listen": "metrics_listen",
     "access-log": "access_log",
     "drain-timeout": "drain_timeout",
@@ -108,6 +109,7 @@ class Options(usage.Options):
         ["cache-dir", None, None, "Directory of the pull-through blob cache (default: no cache)."],
         ["cache-max-size", None, "0", "Bytes the cache may hold, e.g. 100G (0: as much as the disk takes)."],
         ["prefetch", None, 4, "Blob fills started ahead of clients per image manifest fetched (0: none).", int],
+        ["sendfile-threads", None, 64, "Cache hits sent with sendfile(2) at once (more go through the reactor).", int],
         ["metrics-listen", None, None, "Endpoint serving Prometheus /metrics, e.g. tcp:9090:interface=127.0.0.1."],
         ["access-log", None, None, "File for the JSON access log, one line per request (- for stdout)."],
         ["drain-timeout", None, 30.0, "Seconds transfers in flight may take to finish after SIGTERM.", float],
@@ -351,7 +353,7 @@ def makeService(options: Options, reactor: Any = None) -> IService:
             config.idle_timeout,
             sync=_fsync_in_thread(reactor),
             response_timeout=config.response_timeout,
-            sender=Sendfile(reactor, stall_timeout=config.client_timeout),
+            sender=Sendfile(reactor, threads_max=config.sendfile_threads, stall_timeout=config.client_timeout),
         )
         manifests = ManifestCache(store, cache, reactor, prefetch=config.prefetch)
     access_log = AccessLog(config.access_log) if config.access_log else None

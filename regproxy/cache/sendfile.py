@@ -65,7 +65,7 @@ def response_head(request: Request) -> bytes:
 class Sendfile:
     """A bounded pool of threads that send cache hits with sendfile."""
 
-    def __init__(self, reactor: Any, threads_max: int = 16, stall_timeout: float = 120.0) -> None:
+    def __init__(self, reactor: Any, threads_max: int = 64, stall_timeout: float = 120.0) -> None:
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=0, maxthreads=threads_max, name="regproxy-sendfile")
         self._max = threads_max

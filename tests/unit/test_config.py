@@ -91,6 +91,7 @@ allow_private_redirects = true
         ("clients = ['10.0.0.300/8']\n[[upstream]]\nname = 'docker.io'\n", "clients: not an address"),
         ("read_size = 'lots'\n[[upstream]]\nname = 'docker.io'\n", "read_size: not a size"),
         ("workers = 0\n[[upstream]]\nname = 'docker.io'\n", "workers: must be at least 1"),
+        ("sendfile_threads = 0\n[[upstream]]\nname = 'docker.io'\n", "sendfile_threads: must be at least 1"),
         (
             "[[upstream]]\nname = 'docker.io'\ndefault = true\n[[upstream]]\nname = 'ghcr.io'\nurl = 'https://g'\ndefault = true\n",
             "only one may be the default",
@@ -119,6 +120,12 @@ def test_command_line_config_and_overrides(tmp_path: Path) -> None:
     options.parseOptions(["--config", str(path), "--listen", "tcp:2", "--response-timeout", "7"])
     loaded = options["config"]
     assert loaded.listen == ("tcp:2",) and loaded.response_timeout == 7 and loaded.idle_timeout == 5
+    assert loaded.sendfile_threads == 64
+    options = Options()
+    options.parseOptions(["--config", str(path), "--sendfile-threads", "8"])
+    assert options["config"].sendfile_threads == 8
+    with pytest.raises(UsageError, match="sendfile_threads"):
+        Options().parseOptions(["--sendfile-threads", "0"])
     with pytest.raises(UsageError, match="--upstream"):
         Options().parseOptions(["--config", str(path), "--upstream", "https://x.example"])
     with pytest.raises(UsageError, match="unknown key"):
