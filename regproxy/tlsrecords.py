@@ -8,26 +8,38 @@ client's write 16 times. Profiled on a TLS listener (benchmarks/README.md),
 that Python around pyOpenSSL cost more than the cipher.
 
 L{BatchedTLS} keeps Twisted's logic and changes only how much goes at once:
-every record of one write is encrypted before one C{bio_read} and one
+a whole write is encrypted in one C{SSL_write} (pyOpenSSL turns on partial
+writes, which return after each 16 KiB record: 16 calls from Python per
+chunk; this connection turns them off again) before one C{bio_read} and one
 transport write; every record a socket read completes is decrypted before one
 delivery. It replaces the protocol class of L{TLSMemoryBIOFactory}, which
 every TLS connection in the process uses (C{--listen ssl:...} through
 C{startTLS}, upstream connections through C{wrapClientTLS}); no public API
 chooses that class for the C{ssl:} endpoint. It overrides the private
-C{_write}, C{_flushSendBIO} and C{_flushReceiveBIO}; tests/unit/test_tlsrecords.py
-pins the names and the behaviour it relies on.
+C{_write}, C{_flushSendBIO} and C{_flushReceiveBIO}, and clears the mode with
+pyOpenSSL's private C{Connection._ssl} and C{OpenSSL._util.lib} (pyOpenSSL
+has set_mode but no way to clear one); tests/unit/test_tlsrecords.py pins the
+names and the behaviour it relies on.
+
+Without partial writes, OpenSSL wants a write it could not finish (C{WANT_READ}
+during a renegotiation) retried from the same first byte, with at least as many
+bytes, possibly moved (pyOpenSSL sets C{SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER}):
+which is what Twisted's buffering of C{data[sent:]} does.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from OpenSSL._util import lib as _openssl
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 
-#: Plaintext handed to OpenSSL per C{send}: it stops after each record anyway
-#: (pyOpenSSL enables partial writes), so this only bounds the slice.
-_RECORD = 1 << 14
+#: Plaintext handed to OpenSSL per C{send} (a relayed chunk is 256 KiB): it
+#: bounds what the send BIO holds at once.
+_SLICE = 1 << 18
 #: Largest read from the send BIO: a 256 KiB chunk plus its record overhead in one.
 _BIO_READ = 1 << 19
 #: Plaintext per C{recv}: one record's worth (OpenSSL returns no more per call).
@@ -37,6 +49,11 @@ _RECV = 1 << 15
 class BatchedTLS(BufferingTLSTransport):
     """L{BufferingTLSTransport}, encrypting a whole write and decrypting a whole read per Python round."""
 
+    def makeConnection(self, transport: Any) -> None:
+        super().makeConnection(transport)
+        if self._tlsConnection is not None:
+            _openssl.SSL_clear_mode(self._tlsConnection._ssl, _openssl.SSL_MODE_ENABLE_PARTIAL_WRITE)
+
     def _write(self, data: bytes) -> None:  # type: ignore[override]
         if self._lostTLSConnection:
             return
@@ -45,7 +62,7 @@ class BatchedTLS(BufferingTLSTransport):
         try:
             while sent < len(data):
                 try:
-                    sent += self._tlsConnection.send(view[sent : sent + _RECORD])
+                    sent += self._tlsConnection.send(view[sent : sent + _SLICE])
                 except WantReadError:
                     # Renegotiation or key update in the way: Twisted's buffering takes over.
                     self._bufferedWrite(data[sent:])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from OpenSSL._util import lib
 from twisted.internet import ssl
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.protocols import tls
@@ -67,6 +68,19 @@ def test_the_private_names_batched_tls_relies_on_exist() -> None:
     wrapper = server.transport
     for attribute in ("_tlsConnection", "_lostTLSConnection", "_aborted"):
         assert hasattr(wrapper, attribute), attribute
+    # pyOpenSSL's private handle and its bindings, to clear the partial-write mode.
+    connection = wrapper._tlsConnection  # type: ignore[union-attr]
+    assert hasattr(connection, "_ssl")
+    assert callable(lib.SSL_clear_mode) and callable(lib.SSL_set_mode) and lib.SSL_MODE_ENABLE_PARTIAL_WRITE
+
+
+def test_whole_writes_each_connection_has_partial_writes_off() -> None:
+    """Both ends encrypt a write in one SSL_write: the partial-write mode pyOpenSSL sets is cleared."""
+    server, client, _ = pair()
+    for end in (server, client):
+        mode = lib.SSL_set_mode(end.transport._tlsConnection._ssl, 0)  # type: ignore[union-attr]
+        assert not mode & lib.SSL_MODE_ENABLE_PARTIAL_WRITE
+        assert mode & lib.SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER  # what a retried write of data[sent:] needs
 
 
 def test_large_writes_arrive_byte_exact_in_both_directions() -> None:
