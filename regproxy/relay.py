@@ -158,6 +158,16 @@ async def stream(
             request.sending = sending  # type: ignore[attr-defined]
             await sending
             return
+    in_memory: bytes | None = getattr(response, "in_memory", None)
+    if in_memory is not None:
+        # A small body already here (a cached manifest): no pipe, no timers, no
+        # producer to register; twisted.web buffers it for a slow client.
+        if gone(request):
+            return
+        if in_memory and not bodiless:
+            request.write(in_memory)
+        request.finish()
+        return
     pipe = BodyPipe(
         request, clock, idle_timeout, close_delimited, client_timeout, lambda: connection_lost_abruptly(response)
     )

@@ -218,6 +218,8 @@ class BytesAnswer:
         self.headers = headers
         self.length = len(body)
         self._body = body
+        #: Read by the relay, which writes it at once instead of piping it.
+        self.in_memory = body
 
     def deliverBody(self, protocol: Any) -> None:
         protocol.makeConnection(_NoTransport())
