@@ -5,6 +5,7 @@
     python benchmarks/ab.py --tree before=... --tree after=. --cache single    # warm cache hits
     python benchmarks/ab.py --tree before=... --tree after=. --cache digest    # cached manifest by digest, wrk
     python benchmarks/ab.py --tree before=... --tree after=. --cache par64     # 64 clients of a warm 100 MiB blob
+    python benchmarks/ab.py --tree before=... --tree after=. --tls-upstream single   # pass-through from an https upstream
 
 Make a "before" tree with ``git archive <commit> | tar -x -C DIR``. A variant
 may also differ by environment: ``--tree nopin=.:GLIBC_TUNABLES=glibc.malloc.check=0``.
@@ -52,6 +53,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--tls", action="store_true", help="through each regproxy's TLS listener")
     p.add_argument("--cache", action="store_true", help="regproxy with a cache, content warmed first")
+    p.add_argument("--tls-upstream", action="store_true", help="regproxy's upstream over https (a second registry)")
     p.add_argument("--seconds", type=float, default=4.0, help="wrk duration per measurement")
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/regproxy-bench"))
     a = p.parse_args()
@@ -66,13 +68,24 @@ def main() -> None:
             sys.exit(error)
         seed.push_blob(upstream.url, blob=blob)
         manifest = seed.push_manifest(upstream.url, [blob])
+        upstream_url, upstream_ca = upstream.url, None
+        if a.tls_upstream:
+            key, cert = peers.make_cert(rundir)
+            secure = Registry("upstream-tls", rundir, a.workdir / "upstream-storage", tls=(key, cert))
+            stack.callback(secure.proc.stop)
+            error = secure.start()
+            if error:
+                sys.exit(error)
+            upstream_url, upstream_ca = secure.url, cert
         proxies: dict[str, RegProxy] = {}
         for name, tree, env in a.tree:
             peers.REGPROXY_TREE = tree
             saved = dict(os.environ)
             os.environ.update(env)
             try:
-                proxy = RegProxy(rundir, upstream.url, sys.executable, name=name, cache=a.cache)
+                proxy = RegProxy(
+                    rundir, upstream_url, sys.executable, name=name, cache=a.cache, upstream_ca=upstream_ca
+                )
                 error = proxy.start()
             finally:
                 os.environ.clear()

@@ -11,15 +11,18 @@ L{BatchedTLS} keeps Twisted's logic and changes only how much goes at once:
 a whole write is encrypted in one C{SSL_write} (pyOpenSSL turns on partial
 writes, which return after each 16 KiB record: 16 calls from Python per
 chunk; this connection turns them off again) before one C{bio_read} and one
-transport write; every record a socket read completes is decrypted before one
-delivery. It replaces the protocol class of L{TLSMemoryBIOFactory}, which
-every TLS connection in the process uses (C{--listen ssl:...} through
-C{startTLS}, upstream connections through C{wrapClientTLS}); no public API
-chooses that class for the C{ssl:} endpoint. It overrides the private
-C{_write}, C{_flushSendBIO} and C{_flushReceiveBIO}, and clears the mode with
-pyOpenSSL's private C{Connection._ssl} and C{OpenSSL._util.lib} (pyOpenSSL
-has set_mode but no way to clear one); tests/unit/test_tlsrecords.py pins the
-names and the behaviour it relies on.
+transport write; every record a socket read completes is decrypted, with
+C{SSL_read} into one buffer rather than pyOpenSSL's C{recv} (a new buffer, an
+error check and a copy per record), before one delivery.
+
+It replaces the protocol class of L{TLSMemoryBIOFactory}, which every TLS
+connection in the process uses (C{--listen ssl:...} through C{startTLS},
+upstream connections through C{wrapClientTLS}); no public API chooses that
+class for the C{ssl:} endpoint. It overrides the private C{_write},
+C{_flushSendBIO} and C{_flushReceiveBIO}, and uses pyOpenSSL's private
+C{Connection._ssl} and C{OpenSSL._util} bindings to clear the mode (pyOpenSSL
+has set_mode but no way to clear one) and to call C{SSL_read};
+tests/unit/test_tlsrecords.py pins the names and the behaviour it relies on.
 
 Without partial writes, OpenSSL wants a write it could not finish (C{WANT_READ}
 during a renegotiation) retried from the same first byte, with at least as many
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _openssl
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.protocols.policies import ProtocolWrapper
@@ -44,6 +48,11 @@ _SLICE = 1 << 18
 _BIO_READ = 1 << 19
 #: Plaintext per C{recv}: one record's worth (OpenSSL returns no more per call).
 _RECV = 1 << 15
+#: Where the records of one socket read are decrypted to, one after the other
+#: (a read is at most C{--read-size}, 16 MiB; larger plaintext goes out in
+#: pieces). Shared: only the reactor thread touches TLS connections.
+_PLAIN_SIZE = 1 << 20
+_PLAIN = _ffi.new("char[]", _PLAIN_SIZE)
 
 
 class BatchedTLS(BufferingTLSTransport):
@@ -87,18 +96,38 @@ class BatchedTLS(BufferingTLSTransport):
                 return
 
     def _flushReceiveBIO(self) -> None:
+        # Records are decrypted with SSL_read straight into one buffer; only
+        # when it returns nothing is pyOpenSSL's recv asked, to turn the
+        # condition (want more bytes, close_notify, an error) into its
+        # exception: SSL_read in that state gives the same answer again.
         plain: list[bytes] = []
         failure: Failure | None = None
         closed = False
-        while not self._lostTLSConnection and not closed and failure is None:
+        ssl = self._tlsConnection._ssl
+        got = 0
+        while not self._lostTLSConnection:
+            n = _openssl.SSL_read(ssl, _PLAIN + got, _PLAIN_SIZE - got)
+            if n > 0:
+                got += n
+                if _PLAIN_SIZE - got < _RECV:
+                    plain.append(_ffi.buffer(_PLAIN, got)[:])
+                    got = 0
+                continue
+            if got:
+                plain.append(_ffi.buffer(_PLAIN, got)[:])
+                got = 0
             try:
                 plain.append(self._tlsConnection.recv(_RECV))
             except WantReadError:
                 break
             except ZeroReturnError:
                 closed = True
+                break
             except Error:
                 failure = Failure()
+                break
+        if got:
+            plain.append(_ffi.buffer(_PLAIN, got)[:])
         if plain and not self._aborted:
             ProtocolWrapper.dataReceived(self, plain[0] if len(plain) == 1 else b"".join(plain))
         if closed and not self._lostTLSConnection:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from OpenSSL._util import lib
+from OpenSSL._util import ffi, lib
+from OpenSSL.SSL import Error
 from twisted.internet import ssl
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.protocols import tls
@@ -72,6 +73,7 @@ def test_the_private_names_batched_tls_relies_on_exist() -> None:
     connection = wrapper._tlsConnection  # type: ignore[union-attr]
     assert hasattr(connection, "_ssl")
     assert callable(lib.SSL_clear_mode) and callable(lib.SSL_set_mode) and lib.SSL_MODE_ENABLE_PARTIAL_WRITE
+    assert callable(lib.SSL_read) and ffi.buffer and ffi.new("char[]", 16)
 
 
 def test_whole_writes_each_connection_has_partial_writes_off() -> None:
@@ -130,3 +132,28 @@ def test_install_makes_it_the_protocol_of_every_tls_connection() -> None:
         assert tls.TLSMemoryBIOFactory.protocol is tlsrecords.BatchedTLS
     finally:
         tls.TLSMemoryBIOFactory.protocol = saved
+
+
+def test_a_corrupt_record_after_data_delivers_the_data_then_fails_the_connection() -> None:
+    """Bytes that aren't TLS after good records: the records' data arrives, then the connection ends with an error."""
+    server, client, pump = pair()
+    assert server.transport is not None
+    server.transport.write(os.urandom(200_000))  # above the small-write aggregation: sent at once
+    pump.flush()
+    assert len(client.data) == 200_000
+    tls_client = client.transport
+    tls_client.dataReceived(b"\x17\x03\x03\x00\x20" + os.urandom(32))  # type: ignore[attr-defined]
+    pump.flush()
+    assert client.ended is not None and client.ended.check(Error) and len(client.data) == 200_000
+
+
+def test_more_plaintext_than_the_shared_buffer_in_one_read() -> None:
+    """One socket read carrying more than the 1 MiB decryption buffer comes out whole and in order."""
+    server, client, pump = pair()
+    assert server.transport is not None
+    body = os.urandom(tlsrecords._PLAIN_SIZE * 2 + 12345)
+    server.transport.write(body)
+    pump.pump()
+    pump.pump()
+    pump.flush()
+    assert bytes(client.data) == body
