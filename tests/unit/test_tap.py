@@ -123,3 +123,22 @@ def test_process_wide_streaming_settings_follow_read_size() -> None:
         assert TLSMemoryBIOFactory.protocol is BatchedTLS
     finally:
         tcp.Connection.bufferSize, tcp.Connection.SEND_LIMIT, TLSMemoryBIOFactory.protocol = saved
+
+
+def test_credentials_without_allow_list_warn_at_startup(tmp_path: Path) -> None:
+    """An upstream with the proxy's own account and no allow list logs a warning naming it; with allow it doesn't."""
+    from twisted.logger import LogLevel, capturedLogs
+
+    (tmp_path / "pw").write_text("secret\n")
+    for allow, expected in (("", True), ("allow = ['library/*']\n", False)):
+        path = tmp_path / "r.toml"
+        path.write_text(
+            "listen = ['tcp:0:interface=127.0.0.1']\n[[upstream]]\nname = 'ghcr.io'\nurl = 'https://ghcr.io'\n"
+            f"username = 'bot'\npassword_file = 'pw'\n{allow}"
+        )
+        with capturedLogs() as events:
+            makeService(parse("--config", str(path)), MemoryReactor())
+        warned = [e for e in events if e["log_level"] == LogLevel.warn and "set allow" in e["log_format"]]
+        assert bool(warned) is expected
+        if warned:
+            assert warned[0]["name"] == "ghcr.io" and warned[0]["user"] == "bot"
