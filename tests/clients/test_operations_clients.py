@@ -1,7 +1,8 @@
-"""Real clients and operations: a proxy restarted mid-pull, and metrics after docker and ctr pulls."""
+"""Real clients and operations: a proxy restarted mid-pull, metrics and the access log after docker and ctr pulls."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -67,13 +68,13 @@ def test_proxy_restarted_mid_pull_docker_retries_and_succeeds(
 def test_metrics_after_docker_and_ctr_pulls(
     hub: Hub, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, containerd: Containerd
 ) -> None:
-    """After a docker pull (cold, cache) and a ctr pull (warm), the counters moved by the image's blob count, exactly."""
+    """After a docker pull (cold, cache) and a ctr pull (warm), the counters moved by the image's blob count, exactly; one JSON access-log line per request."""
     image = hub.images["library/alpine:3.19"]
     blobs = len(image.blobs())
     port = free_port()
     args = [
         "--upstream-ca", str(hub.ca_pem), "--library-prefix", "--cache-dir", str(tmp_path / "cache"),
-        "--metrics-listen", f"tcp:{port}:interface=127.0.0.1",
+        "--metrics-listen", f"tcp:{port}:interface=127.0.0.1", "--access-log", str(tmp_path / "access.jsonl"),
     ]
     with ProxyProcess(tmp_path / "proxy", hub.registry_url, args, tls=False) as proxy:
         dockerd = Dockerd(tmp_path_factory.mktemp("metrics-dockerd"))
@@ -112,3 +113,13 @@ def test_metrics_after_docker_and_ctr_pulls(
     assert moved(after_docker, after_ctr, "regproxy_upstream_bytes_total", kind="blob") == 0
     assert moved(after_docker, after_ctr, "regproxy_requests_total", kind="blob", status="2xx") == blobs
     assert total(after_ctr, "regproxy_requests_in_flight") == 0
+    # The access log: parseable JSON, the documented fields, one line per request (as many as the
+    # request counter counted), and each blob GET exactly once per client (docker's, then ctr's).
+    lines = [json.loads(line) for line in (tmp_path / "access.jsonl").read_text().splitlines() if line.strip()]
+    for field in ("time", "request_id", "client", "method", "path", "status", "bytes", "duration", "upstream", "cache", "user_agent"):
+        assert all(field in line for line in lines), field
+    assert len(lines) == moved(before, after_ctr, "regproxy_requests_total")
+    assert len({line["request_id"] for line in lines}) == len(lines)
+    for blob in image.blobs():
+        gets = [line for line in lines if line["method"] == "GET" and line["path"].split("?")[0].endswith(blob.digest)]
+        assert len(gets) == 2 and all(line["status"] == 200 and line["bytes"] == blob.size for line in gets), gets
