@@ -108,6 +108,7 @@ def main() -> None:
                 f"{name:12s} {key} median {statistics.median(figures):.3f} (all {[round(f, 3) for f in figures]}), "
                 f"{rate} median {statistics.median(x[rate] for x in xs):.0f}"
             )
+    peers.discard_data(rundir)
 
 
 def warm(proxy: RegProxy, blob: seed.Blob, manifest: seed.Manifest) -> None:

@@ -57,6 +57,14 @@ def tree_version(tree: Path) -> str:
         return "unknown"
 
 
+def discard_data(rundir: Path) -> None:
+    """Once every server of a run has stopped: remove its directories (caches, storages,
+    dockerd's images: gigabytes per run), keep the configs and logs next to them."""
+    for child in rundir.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+
+
 def free_port() -> int:
     """Ask the kernel for an unused loopback port (tiny race, fine here)."""
     with socket.socket() as s:

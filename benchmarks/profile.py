@@ -337,6 +337,7 @@ def main() -> int:
                 print(spy.communicate(timeout=120)[0].decode(errors="replace")[-300:])
             except subprocess.TimeoutExpired:
                 spy.kill()
+    peers.discard_data(rundir)  # the cache directory: gigabytes
     if a.format == "summary":
         stacks = read_collapsed(spy_out)
         what = {"stream": f"{a.downloads} x {a.big_mib} MiB single-stream pass-through",

@@ -652,6 +652,7 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(args, stack)
         bench.start()
         result = bench.run()
+    peers.discard_data(bench.rundir)
     result["seconds_total"] = time.monotonic() - t0
     result["config"]["regproxy_version"] = version + (
         f" ({peers.REGPROXY_TREE})" if args.regproxy_tree else " (snapshot)" if args.snapshot else " (work tree)")
