@@ -256,7 +256,8 @@ class Registry:
         return data.exists()
 
 
-NGINX_CONFIG = """\
+#: What both nginx peers share: processes, pid and logs, temp paths in the run directory.
+_NGINX_HEAD = """\
 worker_processes 2;
 pid {d}/{name}.pid;
 error_log {d}/{name}-error.log warn;
@@ -268,6 +269,9 @@ http {{
     fastcgi_temp_path {d}/nginx-tmp/fastcgi;
     uwsgi_temp_path {d}/nginx-tmp/uwsgi;
     scgi_temp_path {d}/nginx-tmp/scgi;
+"""
+
+NGINX_CONFIG = _NGINX_HEAD + """\
     upstream registry {{ server {upstream}; keepalive 64; }}
     server {{
         listen 127.0.0.1:{port};
@@ -381,18 +385,7 @@ class RegProxy:
             conn.close()
 
 
-NGINX_STATIC_CONFIG = """\
-worker_processes 2;
-pid {d}/{name}.pid;
-error_log {d}/{name}-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/nginx-tmp/body;
-    proxy_temp_path {d}/nginx-tmp/proxy;
-    fastcgi_temp_path {d}/nginx-tmp/fastcgi;
-    uwsgi_temp_path {d}/nginx-tmp/uwsgi;
-    scgi_temp_path {d}/nginx-tmp/scgi;
+NGINX_STATIC_CONFIG = _NGINX_HEAD + """\
     sendfile on;
     tcp_nopush on;
     types {{ }}

@@ -15,6 +15,18 @@ from typing import Any
 Row = tuple[str, str, str, str, bool | None]  # label, test, key, format, higher_is_better (None: no ratio)
 
 
+def _wrk_rows(test: str, title: str) -> list[Row]:
+    """The rows of one wrk measurement (manifest by tag or by digest)."""
+    return [
+        (f"{title}, wrk (req/s)", test, "rps", "{:.0f}", True),
+        ("  p50 (ms)", test, "p50_ms", "{:.2f}", False),
+        ("  p99 (ms)", test, "p99_ms", "{:.2f}", False),
+        ("  server CPU per request (ms)", test, "server_cpu_ms_per_req", "{:.3f}", False),
+        ("  non-2xx responses / socket errors", test, "errors", "{}", None),
+        ("  upstream manifest HEAD / GET per 1,000 requests", test, "up_per_1000", "{}", None),
+    ]
+
+
 def rows(parallel: list[int]) -> dict[str, list[Row]]:
     """Row groups by measurement."""
     par: list[Row] = []
@@ -35,22 +47,8 @@ def rows(parallel: list[int]) -> dict[str, list[Row]]:
             ("upstream bytes per big-blob fetch (x blob)", "single", "upstream_x", "{:.2f}", None),
         ],
         "par": par,
-        "wrk": [
-            ("manifest by tag, wrk (req/s)", "wrk", "rps", "{:.0f}", True),
-            ("  p50 (ms)", "wrk", "p50_ms", "{:.2f}", False),
-            ("  p99 (ms)", "wrk", "p99_ms", "{:.2f}", False),
-            ("  server CPU per request (ms)", "wrk", "server_cpu_ms_per_req", "{:.3f}", False),
-            ("  non-2xx responses / socket errors", "wrk", "errors", "{}", None),
-            ("  upstream manifest HEAD / GET per 1,000 requests", "wrk", "up_per_1000", "{}", None),
-        ],
-        "wrk-digest": [
-            ("manifest by digest, wrk (req/s)", "wrk-digest", "rps", "{:.0f}", True),
-            ("  p50 (ms)", "wrk-digest", "p50_ms", "{:.2f}", False),
-            ("  p99 (ms)", "wrk-digest", "p99_ms", "{:.2f}", False),
-            ("  server CPU per request (ms)", "wrk-digest", "server_cpu_ms_per_req", "{:.3f}", False),
-            ("  non-2xx responses / socket errors", "wrk-digest", "errors", "{}", None),
-            ("  upstream manifest HEAD / GET per 1,000 requests", "wrk-digest", "up_per_1000", "{}", None),
-        ],
+        "wrk": _wrk_rows("wrk", "manifest by tag"),
+        "wrk-digest": _wrk_rows("wrk-digest", "manifest by digest"),
         "tags": [
             ("upstream manifest HEAD per 1,000 tag pulls", "tags", "up_head_per_1000", "{:.0f}", None),
             ("upstream manifest GET per 1,000 tag pulls", "tags", "up_get_per_1000", "{:.0f}", None),

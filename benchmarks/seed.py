@@ -167,19 +167,24 @@ def make_image(workdir: Path, n_layers: int = 12, seed: int = 12) -> Image:
                          "config": {"Cmd": ["/bin/true"]},
                          "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
     config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
-    manifest = json.dumps({
-        "schemaVersion": 2, "mediaType": MANIFEST_TYPE,
-        "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
-                   "size": len(config), "digest": config_digest},
-        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
-                    "size": b.size, "digest": b.digest} for b in layers],
-    }, indent=3).encode()
+    manifest = schema2_manifest(config, config_digest, layers)
     (d / "config.json").write_bytes(config)
     (d / "manifest.json").write_bytes(manifest)
     meta.write_text(json.dumps({"layers": [(b.size, b.digest) for b in layers],
                                 "config_digest": config_digest}))
     return Image(PULL_REPO, "latest", layers, config, config_digest, manifest,
                  "sha256:" + hashlib.sha256(manifest).hexdigest())
+
+
+def schema2_manifest(config: bytes, config_digest: str, layers: list[Blob]) -> bytes:
+    """A Docker schema-2 image manifest of this config and these gzipped layers."""
+    return json.dumps({
+        "schemaVersion": 2, "mediaType": MANIFEST_TYPE,
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                   "size": len(config), "digest": config_digest},
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                    "size": b.size, "digest": b.digest} for b in layers],
+    }, indent=3).encode()
 
 
 def push_image(base: str, image: Image) -> None:
@@ -206,12 +211,6 @@ def push_manifest(base: str, layers: list[Blob]) -> Manifest:
     config = json.dumps({"architecture": "amd64", "os": "linux",
                          "rootfs": {"type": "layers", "diff_ids": []}}).encode()
     config_digest = push_blob(base, data=config)
-    body = json.dumps({
-        "schemaVersion": 2, "mediaType": MANIFEST_TYPE,
-        "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
-                   "size": len(config), "digest": config_digest},
-        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
-                    "size": b.size, "digest": b.digest} for b in layers],
-    }, indent=3).encode()
+    body = schema2_manifest(config, config_digest, layers)
     _put_manifest(base, REPO, TAG, body)
     return Manifest(body, "sha256:" + hashlib.sha256(body).hexdigest())

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
+import treq
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
@@ -85,8 +86,6 @@ def discard(response: IResponse) -> None:
 
 async def read_bounded(response: IResponse, limit: int, what: str) -> bytes:
     """A small upstream body read whole (a token, a manifest); more than C{limit} bytes is a 502."""
-    import treq
-
     chunks: list[bytes] = []
     size = 0
 
